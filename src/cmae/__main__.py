@@ -1,0 +1,5 @@
+import sys
+
+from cmae.cli import main
+
+sys.exit(main())

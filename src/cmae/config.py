@@ -1,0 +1,370 @@
+"""Typed configuration: dataclasses -> YAML presets -> ``key.sub=value`` overrides.
+
+The dataclass defaults are the reference ViT-B/16 recipe of the CMAE paper (CMAE_SPEC.md); the
+``tiny`` preset (the default of ``cmae pretrain``) is the small CPU setting for 32 px images.
+Unknown keys and values of the wrong type are errors that name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    method: str = "cmae"  # "cmae" (contrastive + reconstruction) or "mae" (reconstruction only)
+    encoder: str = "vit_base"  # a key of cmae.model.ENCODER_SIZES
+    img_size: int = 224
+    patch_size: int = 16
+    drop_path: float = 0.0
+    # None picks the method's reference value: cmae 0.65 with 2x2 blocks, mae 0.75 per patch
+    mask_ratio: float | None = None
+    mask_block: int | None = None
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    feature_decoder: bool = True  # off: pool the encoder's visible tokens instead
+    feature_decoder_depth: int = 2
+    proj_hidden_dim: int = 1536
+    proj_dim: int = 256
+    norm_pix_loss: bool = True
+    temperature: float = 0.07
+    pixel_weight: float = 1.0
+    contrast_weight: float = 1.0
+    target_masked: bool = (
+        False  # ablation: the target encoder sees only the online mask's visible patches
+    )
+    symmetric: bool = False  # ablation: add the swapped (target-view query, online-view key) term
+
+    def resolved_mask(self) -> tuple[float, int]:
+        ratio = self.mask_ratio if self.mask_ratio is not None else REFERENCE_MASK[self.method][0]
+        block = self.mask_block if self.mask_block is not None else REFERENCE_MASK[self.method][1]
+        return ratio, block
+
+
+REFERENCE_MASK = {"cmae": (0.65, 2), "mae": (0.75, 1)}
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # ImageFolder-style dir; None = built-in generated shapes
+    max_shift: int = 32  # pixels; master crop is img_size + max_shift, offsets in [0, max_shift)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    target_color_aug: bool = True
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_workers: int = 8
+    # built-in generated data (used when path is None)
+    synthetic_train: int = 5000
+    synthetic_val: int = 1000
+    synthetic_size: int = 32
+    synthetic_seed: int = 0
+    # kNN check at the end of pretraining on labelled data
+    knn_bank: int = 10000  # at most this many labelled train images in the feature bank
+    knn_queries: int = 2000  # at most this many held-out images queried
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1600
+    warmup_epochs: int = 40
+    max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
+    batch_size: int = 4096
+    blr: float = 1.5e-4  # lr = blr * batch_size / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.996
+    momentum_end: float = 0.996  # != momentum: cosine ramp from momentum to momentum_end
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads on CPU; None = torch default
+    log_every: int = 20
+    out: str = "runs/cmae"
+    knn_k: int = 20
+    knn_t: float = 0.07
+    knn_at_end: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` coerced to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def merge(cfg: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Recursively apply a nested dict of ``updates`` to dataclass ``cfg`` in place."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {updates!r}")
+    types_ = _field_types(type(cfg))
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            known = ", ".join(types_)
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(cfg, key, _check_value(full, value, types_[key]))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.mask_ratio=0.5", "train.epochs=3"]`` -> nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of builtins (tuples become lists), safe for YAML and weights_only."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    merge(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(
+            f"unknown preset '{name_or_path}' (presets: {names}; or pass a .yaml path)"
+        )
+    return candidate
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model/data/train)")
+    extends = data.pop("extends", None)
+    if extends is None:
+        return data
+    base = load_yaml(preset_path(extends))
+    return _deep_update(base, data)
+
+
+def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(preset: str | None = "tiny", overrides: list[str] | None = None) -> Config:
+    """Dataclass defaults, then the preset/YAML file (if any), then dotted overrides."""
+    cfg = Config()
+    if preset is not None:
+        path = preset_path(preset)
+        try:
+            merge(cfg, load_yaml(path))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    if overrides:
+        merge(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that the types cannot express; each error names its key."""
+    from cmae.model import ENCODER_SIZES  # local: keep config importable without torch
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.method not in REFERENCE_MASK:
+        raise ConfigError(f"model.method: expected 'cmae' or 'mae', got {m.method!r}")
+    if m.encoder not in ENCODER_SIZES:
+        raise ConfigError(
+            f"model.encoder: unknown {m.encoder!r} (known: {', '.join(ENCODER_SIZES)})"
+        )
+    if m.patch_size <= 0 or m.img_size <= 0 or m.img_size % m.patch_size:
+        raise ConfigError(
+            f"model.img_size: {m.img_size} must be a positive multiple of "
+            f"model.patch_size ({m.patch_size})"
+        )
+    ratio, block = m.resolved_mask()
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio: must be in [0, 1), got {ratio}")
+    grid = m.img_size // m.patch_size
+    if block < 1 or grid % block:
+        raise ConfigError(
+            f"model.mask_block: {block} must be >= 1 and divide the {grid}x{grid} grid"
+        )
+    if int((grid // block) ** 2 * (1 - ratio)) < 1:
+        raise ConfigError(f"model.mask_ratio: {ratio} keeps no block of the {grid}x{grid} grid")
+    for key in ("decoder_dim", "decoder_heads", "proj_hidden_dim", "proj_dim", "decoder_depth"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}: must be positive, got {getattr(m, key)}")
+    if m.decoder_dim % m.decoder_heads:
+        raise ConfigError(f"model.decoder_dim: {m.decoder_dim} not divisible by decoder_heads")
+    if m.feature_decoder_depth < 0:
+        raise ConfigError("model.feature_decoder_depth: must be >= 0")
+    if m.temperature <= 0:
+        raise ConfigError(f"model.temperature: must be > 0, got {m.temperature}")
+    if not 0.0 <= m.drop_path < 1.0:
+        raise ConfigError(f"model.drop_path: must be in [0, 1), got {m.drop_path}")
+    if not 0 <= d.max_shift < m.img_size:
+        raise ConfigError(
+            f"data.max_shift: {d.max_shift} must be in [0, model.img_size={m.img_size})"
+        )
+    for key in ("hflip", "color_jitter_p", "grayscale_p", "blur_p"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ConfigError(f"data.{key}: probability must be in [0, 1], got {getattr(d, key)}")
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale: need 0 < lo <= hi <= 1, got {d.crop_scale}")
+    if not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        raise ConfigError(f"data.crop_ratio: need 0 < lo <= hi, got {d.crop_ratio}")
+    if not 0 < d.blur_sigma[0] <= d.blur_sigma[1]:
+        raise ConfigError(f"data.blur_sigma: need 0 < lo <= hi, got {d.blur_sigma}")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError(f"data.std: must be positive, got {d.std}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
+    if t.batch_size <= 0:
+        raise ConfigError(f"train.batch_size: must be positive, got {t.batch_size}")
+    if m.method == "cmae" and t.batch_size < 2:
+        raise ConfigError("train.batch_size: the contrastive loss needs at least 2 samples")
+    if t.epochs <= 0:
+        raise ConfigError(f"train.epochs: must be positive, got {t.epochs}")
+    if t.warmup_epochs < 0:
+        raise ConfigError(f"train.warmup_epochs: must be >= 0, got {t.warmup_epochs}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps: must be positive, got {t.max_steps}")
+    for key in ("momentum", "momentum_end"):
+        if not 0.0 <= getattr(t, key) <= 1.0:
+            raise ConfigError(f"train.{key}: must be in [0, 1], got {getattr(t, key)}")
+    if t.lr is not None and t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if t.blr <= 0:
+        raise ConfigError(f"train.blr: must be positive, got {t.blr}")
+    if t.log_every <= 0:
+        raise ConfigError(f"train.log_every: must be positive, got {t.log_every}")
+    if t.knn_k <= 0 or t.knn_t <= 0:
+        raise ConfigError("train.knn_k / train.knn_t: must be positive")
+    if t.threads is not None and t.threads <= 0:
+        raise ConfigError(f"train.threads: must be positive, got {t.threads}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")

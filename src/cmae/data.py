@@ -1,0 +1,318 @@
+"""Datasets: an ImageFolder-style directory, or the built-in generated shapes (offline default)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".ppm",
+    ".pgm",
+)
+
+SHAPE_CLASSES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "hexagon",
+    "stripes",
+    "checker",
+    "dots",
+)
+
+
+class DataError(ValueError):
+    """The data path or its content is unusable; the message names the path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in generated data
+
+
+class SyntheticShapes(Dataset):
+    """Procedurally generated labelled images: one of 10 shape/texture classes with random
+    colours, scale, position, rotation and background (flat, gradient or noisy).
+
+    Image i is a pure function of (seed, i), so the data set is reproducible without files.
+    Labels are ``i % num_classes``: balanced, and the kNN check can show learning.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        size: int = 32,
+        seed: int = 0,
+        transform: Callable | None = None,
+        num_classes: int = len(SHAPE_CLASSES),
+    ) -> None:
+        if not 1 <= num_classes <= len(SHAPE_CLASSES):
+            raise ValueError(f"num_classes must be in 1..{len(SHAPE_CLASSES)}")
+        self.n, self.size, self.seed = n, size, seed
+        self.num_classes = num_classes
+        self.transform = transform
+        self.classes = list(SHAPE_CLASSES[:num_classes])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def labels(self) -> list[int]:
+        return [i % self.num_classes for i in range(self.n)]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        label = i % self.num_classes
+        img = render_shape(label, self.size, np.random.default_rng([self.seed, i]))
+        return (self.transform(img) if self.transform else img), label
+
+
+def _color(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, 3).astype(np.float32)
+
+
+def render_shape(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one image of class ``label`` (index into SHAPE_CLASSES) at ``size`` x ``size``."""
+    ss = 4  # supersampling for anti-aliased edges
+    big = size * ss
+    # background: flat colour, optionally a linear gradient, plus mild noise
+    bg0, bg1 = _color(rng), _color(rng)
+    t = np.linspace(0, 1, big, dtype=np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = np.cos(angle) * t[None, :] + np.sin(angle) * t[:, None]
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
+    if rng.random() < 0.5:
+        ramp = np.zeros_like(ramp)
+    bg = bg0 + (bg1 - bg0) * ramp[..., None]
+    # foreground colour far enough from the background's mean to be visible
+    fg = _color(rng)
+    for _ in range(8):
+        if np.abs(fg - bg.mean((0, 1))).sum() > 150:
+            break
+        fg = _color(rng)
+
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    radius = rng.uniform(0.25, 0.45) * big
+    cx = rng.uniform(radius, big - radius) if big > 2 * radius else big / 2
+    cy = rng.uniform(radius, big - radius) if big > 2 * radius else big / 2
+    rot = rng.uniform(0, 2 * math.pi)
+
+    def poly(n_pts: int, radii: list[float]) -> list[tuple[float, float]]:
+        pts = []
+        for j in range(n_pts):
+            a = rot + 2 * math.pi * j / n_pts
+            r = radii[j % len(radii)]
+            pts.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+        return pts
+
+    def rotated(u: float, v: float) -> tuple[float, float]:
+        c, s = math.cos(rot), math.sin(rot)
+        return cx + u * c - v * s, cy + u * s + v * c
+
+    name = SHAPE_CLASSES[label]
+    if name == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+    elif name == "square":
+        draw.polygon(poly(4, [radius]), fill=255)
+    elif name == "triangle":
+        draw.polygon(poly(3, [radius]), fill=255)
+    elif name == "star":
+        draw.polygon(poly(10, [radius, radius * 0.45]), fill=255)
+    elif name == "cross":
+        w = radius * 0.35
+        for a, b in ((radius, w), (w, radius)):
+            corners = [rotated(-a, -b), rotated(a, -b), rotated(a, b), rotated(-a, b)]
+            draw.polygon(corners, fill=255)
+    elif name == "ring":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+        r2 = radius * 0.55
+        draw.ellipse([cx - r2, cy - r2, cx + r2, cy + r2], fill=0)
+    elif name == "hexagon":
+        draw.polygon(poly(6, [radius]), fill=255)
+    elif name == "stripes":
+        period = radius * rng.uniform(0.35, 0.55)
+        u = -radius
+        while u < radius:
+            corners = [
+                rotated(u, -radius),
+                rotated(u + period / 2, -radius),
+                rotated(u + period / 2, radius),
+                rotated(u, radius),
+            ]
+            draw.polygon(corners, fill=255)
+            u += period
+    elif name == "checker":
+        cells = 4
+        cell = 2 * radius / cells
+        for a in range(cells):
+            for b in range(cells):
+                if (a + b) % 2 == 0:
+                    u, v = -radius + a * cell, -radius + b * cell
+                    corners = [
+                        rotated(u, v),
+                        rotated(u + cell, v),
+                        rotated(u + cell, v + cell),
+                        rotated(u, v + cell),
+                    ]
+                    draw.polygon(corners, fill=255)
+    elif name == "dots":
+        r = radius * 0.18
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                x, y = rotated(a * radius * 0.7, b * radius * 0.7)
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    img = bg * (1 - alpha) + fg * alpha
+    img = img + rng.normal(0, rng.uniform(0, 12), img.shape[:2] + (1,)).astype(np.float32)
+    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    return out.resize((size, size), Image.Resampling.LANCZOS)
+
+
+# ---------------------------------------------------------------------------------------------
+# image directories
+
+
+def list_images(root: Path) -> list[Path]:
+    """All image files below ``root`` (recursive, sorted, hidden entries skipped)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
+    return files
+
+
+class ImageFiles(Dataset):
+    """Images below ``root``, recursively. The label is the index of the first-level folder
+    (ImageFolder convention) or -1 for files directly in ``root``; pretraining ignores it."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise DataError(f"data path does not exist: {self.root}")
+        if not self.root.is_dir():
+            raise DataError(f"data path is not a directory: {self.root}")
+        self.files = list_images(self.root)
+        if not self.files:
+            raise DataError(
+                f"no images found under {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        tops = sorted(
+            {
+                f.relative_to(self.root).parts[0]
+                for f in self.files
+                if len(f.relative_to(self.root).parts) > 1
+            }
+        )
+        self.classes = tops
+        index = {c: i for i, c in enumerate(tops)}
+        self.labels = [
+            index[f.relative_to(self.root).parts[0]]
+            if len(f.relative_to(self.root).parts) > 1
+            else -1
+            for f in self.files
+        ]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoder failure is reported with its path
+            raise DataError(f"cannot read image {path}: {e}") from e
+        return (self.transform(img) if self.transform else img), self.labels[i]
+
+
+class Subset(Dataset):
+    """Indices into a dataset, keeping ``labels``."""
+
+    def __init__(self, base: Dataset, indices: list[int]) -> None:
+        self.base, self.indices = base, list(indices)
+        self.labels = [base.labels[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+
+def split_dirs(root: Path) -> tuple[Path, Path | None]:
+    """(train dir, held-out dir or None) for ``root`` with train/ and val/ or test/ inside."""
+    if (root / "train").is_dir():
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                return root / "train", root / name
+        return root / "train", None
+    return root, None
+
+
+def build_datasets(
+    path: str | None,
+    pretrain_transform: Callable,
+    eval_transform: Callable,
+    synthetic: dict[str, int],
+    knn_bank: int,
+    knn_queries: int,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(pretraining set, kNN bank, kNN queries); the kNN sets are None for unlabelled data.
+
+    ``path=None`` uses the generated shapes (train and held-out sets from disjoint seeds).
+    A directory with train/ and val/ (or test/) uses those splits; a plain class-folder
+    directory holds out a fixed random subset as queries.
+    """
+    if path is None:
+        n, size, s = synthetic["train"], synthetic["size"], synthetic["seed"]
+        train = SyntheticShapes(n, size, s, pretrain_transform)
+        bank = SyntheticShapes(min(n, knn_bank), size, s, eval_transform)
+        queries = SyntheticShapes(
+            min(synthetic["val"], knn_queries), size, s + 1_000_003, eval_transform
+        )
+        return train, bank, queries
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data path does not exist: {root}")
+    train_dir, held_dir = split_dirs(root)
+    train = ImageFiles(train_dir, pretrain_transform)
+    if len(train.classes) < 2:
+        return train, None, None  # unlabelled: no kNN check
+    rng = np.random.default_rng(seed)
+    bank_all = ImageFiles(train_dir, eval_transform)
+    if held_dir is not None:
+        held = ImageFiles(held_dir, eval_transform)
+        if held.classes != bank_all.classes:
+            raise DataError(f"class folders of {held_dir} differ from those of {train_dir}")
+        q_idx = rng.permutation(len(held))[:knn_queries].tolist()
+        b_idx = rng.permutation(len(bank_all))[:knn_bank].tolist()
+        return train, Subset(bank_all, b_idx), Subset(held, q_idx)
+    # no held-out split on disk: hold out 10% of the images (kept out of the bank)
+    perm = rng.permutation(len(bank_all))
+    n_q = min(knn_queries, max(1, len(perm) // 10))
+    q_idx, b_idx = perm[:n_q].tolist(), perm[n_q : n_q + knn_bank].tolist()
+    return train, Subset(bank_all, b_idx), Subset(bank_all, q_idx)

@@ -1,0 +1,97 @@
+import pytest
+
+from cmae.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+
+
+def test_overrides_parse_and_apply():
+    cfg = load_config(
+        "tiny",
+        [
+            "model.mask_ratio=0.5",
+            "train.epochs=3",
+            "data.crop_scale=[0.3,1]",
+            "train.lr=null",
+            "data.path=/x/y",
+        ],
+    )
+    assert cfg.model.mask_ratio == 0.5 and cfg.train.epochs == 3
+    assert cfg.data.crop_scale == (0.3, 1.0) and cfg.train.lr is None
+    assert cfg.data.path == "/x/y"
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("tiny")
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.mask_ratoi=0.5", "unknown config key 'model.mask_ratoi'"),
+        ("modle.x=1", "unknown config key 'modle'"),
+        ("train.epochs=abc", "train.epochs: expected an integer"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("model.feature_decoder=1", "model.feature_decoder: expected true/false"),
+        ("model.temperature=warm", "model.temperature: expected a number"),
+        ("data.crop_scale=[0.2]", "data.crop_scale: expected a list of 2 values"),
+        ("model.mask_ratio=1.0", "model.mask_ratio"),
+        ("model.mask_ratio=-0.1", "model.mask_ratio"),
+        ("model.img_size=30", "model.img_size"),
+        ("model.mask_block=3", "model.mask_block"),
+        ("model.method=byol", "model.method"),
+        ("model.encoder=vit_giant", "model.encoder"),
+        ("data.max_shift=32", "data.max_shift"),
+        ("data.max_shift=-1", "data.max_shift"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.batch_size=1", "train.batch_size"),
+        ("train.momentum=1.5", "train.momentum"),
+        ("data.blur_p=2", "data.blur_p"),
+        ("model.temperature=0", "model.temperature"),
+        ("train.device=tpu", "train.device"),
+        ("model.decoder_heads=3", "model.decoder_dim"),
+        ("train=5", "train: expected a mapping"),
+        ("epochs", "not of the form key.sub=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_file_with_extends_and_bad_key(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("extends: tiny\ntrain:\n  epochs: 2\n")
+    cfg = load_config(str(good))
+    assert cfg.train.epochs == 2 and cfg.model.img_size == 32
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.widht'"):
+        load_config(str(bad))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(broken))
+
+
+def test_defaults_are_the_reference_recipe():
+    c = Config()
+    assert (c.model.encoder, c.model.img_size, c.model.patch_size) == ("vit_base", 224, 16)
+    assert c.model.resolved_mask() == (0.65, 2)
+    assert (c.model.decoder_dim, c.model.decoder_depth, c.model.decoder_heads) == (512, 8, 16)
+    assert c.model.feature_decoder_depth == 2
+    assert (c.model.proj_hidden_dim, c.model.proj_dim, c.model.temperature) == (1536, 256, 0.07)
+    assert c.data.max_shift == 32 and c.data.crop_scale == (0.2, 1.0)
+    assert (c.train.batch_size, c.train.blr, c.train.weight_decay) == (4096, 1.5e-4, 0.05)
+    assert c.train.betas == (0.9, 0.95) and c.train.momentum == c.train.momentum_end == 0.996
+    assert (c.train.epochs, c.train.warmup_epochs) == (1600, 40)
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmae.views import (
+    PixelShiftViews,
+    SingleView,
+    eval_transform,
+    normalize,
+    target_color_transform,
+)
+
+
+def random_image(size=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8))
+
+
+def find_shift(online, target, max_shift):
+    s = online.shape[-1]
+    found = []
+    for dy in range(max_shift):
+        for dx in range(max_shift):
+            if torch.equal(target[:, : s - dy, : s - dx], online[:, dy:, dx:]):
+                found.append((dy, dx))
+    return found
+
+
+def test_target_is_shifted_online_view_without_colour_ops():
+    torch.manual_seed(0)
+    views = PixelShiftViews(16, 6, target_color=None)
+    shifts = set()
+    for seed in range(30):
+        online, target = views(random_image(seed=seed))
+        assert online.shape == target.shape == (3, 16, 16)
+        assert online.dtype == torch.uint8
+        found = find_shift(online, target, 6)
+        assert len(found) == 1, found
+        shifts.add(found[0])
+    # offsets cover both axes and both ends of [0, max_shift)
+    ys, xs = {s[0] for s in shifts}, {s[1] for s in shifts}
+    assert len(ys) > 2 and len(xs) > 2
+
+
+def test_shift_range_hits_both_ends():
+    torch.manual_seed(0)
+    views = PixelShiftViews(8, 2, target_color=None)
+    seen = set()
+    for seed in range(40):
+        online, target = views(random_image(seed=seed))
+        seen |= set(find_shift(online, target, 2))
+    assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_zero_shift_gives_identical_views():
+    views = PixelShiftViews(16, 0, target_color=None)
+    for seed in range(5):
+        online, target = views(random_image(seed=seed))
+        assert torch.equal(online, target)
+
+
+def test_colour_ops_change_only_the_target():
+    torch.manual_seed(0)
+    color = target_color_transform(jitter_p=1.0, grayscale_p=0.0, blur_p=0.0)
+    views = PixelShiftViews(16, 0, target_color=color)
+    online, target = views(random_image())
+    assert not torch.equal(online, target)
+    # the online view is the plain crop: same as with colour off under the same RNG
+    torch.manual_seed(0)
+    online2, _ = PixelShiftViews(16, 0, target_color=None)(random_image())
+    assert torch.equal(online, online2)
+
+
+def test_grayscale_and_blur_apply():
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    gray = target_color_transform(jitter_p=0.0, grayscale_p=1.0, blur_p=0.0)(img)
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    blurred = target_color_transform(
+        jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, blur_sigma=(1.5, 2.0)
+    )(img)
+    assert blurred.float().std() < img.float().std()
+
+
+def test_single_view_and_eval_transform_shapes():
+    (x,) = SingleView(16)(random_image())
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
+    y = eval_transform(16)(random_image())
+    assert y.shape == (3, 16, 16)
+
+
+def test_normalize():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("max_shift", [0, 3])
+def test_master_crop_size(max_shift):
+    views = PixelShiftViews(16, max_shift)
+    assert tuple(views.master.transforms[0].size) == (16 + max_shift, 16 + max_shift)
