@@ -1,0 +1,172 @@
+"""Pretrained encoders for evaluation: load a checkpoint, build our ViTEncoder or a timm ViT.
+
+Three sources: a ``cmae pretrain`` checkpoint (``checkpoint.pt``: the ``encoder.`` keys of the
+model plus the config that built it), an exported ``encoder.safetensors`` (timm key names), or
+``"random"`` (a fresh encoder of a pretraining preset, the baseline). The weights always use
+timm ``VisionTransformer`` names, so both builders load them with ``strict`` key checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from cmae.checkpoint import CheckpointError, load_checkpoint
+from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
+from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder
+
+
+class EncoderWeights(NamedTuple):
+    state: dict[str, Tensor]  # timm VisionTransformer key names
+    encoder: str  # a key of ENCODER_SIZES
+    img_size: int
+    patch_size: int
+    # normalisation used in pretraining, when the checkpoint records it
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    source_id: str  # identifies these exact weights (feature cache key)
+
+
+def load_encoder_weights(checkpoint: str, preset: str = "quick", seed: int = 0) -> EncoderWeights:
+    """Encoder weights from ``checkpoint`` (a .pt / .safetensors path or ``"random"``)."""
+    if checkpoint == "random":
+        model_cfg = load_config(preset).model
+        torch.manual_seed(seed)
+        state = build_encoder(model_cfg).state_dict()
+        source = f"random:{to_dict(model_cfg)}:seed={seed}"
+        return EncoderWeights(
+            state, model_cfg.encoder, model_cfg.img_size, model_cfg.patch_size, None, None, source
+        )
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (or pass 'random')")
+    st = os.stat(path)
+    # path + size + mtime: a rewritten checkpoint never reuses stale cached features
+    source = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if path.suffix == ".safetensors":
+        return _from_safetensors(path, source)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a cmae pretraining checkpoint (needs model, config)")
+    model_cfg = ModelConfig()
+    try:
+        merge(model_cfg, ckpt["config"]["model"], prefix="model.")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not describe a model: {e}") from e
+    prefix = "encoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    data = ckpt["config"].get("data", {})
+    mean, std = data.get("mean"), data.get("std")
+    return EncoderWeights(
+        state,
+        model_cfg.encoder,
+        model_cfg.img_size,
+        model_cfg.patch_size,
+        tuple(mean) if mean is not None else None,
+        tuple(std) if std is not None else None,
+        source,
+    )
+
+
+def _from_safetensors(path: Path, source: str) -> EncoderWeights:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+    # `cmae export` metadata: mean/std as JSON lists; a whole-model export (--format full) has
+    # every tensor under its module prefix and the config as JSON
+    mean, std, name = _json_meta(meta, "mean", path), _json_meta(meta, "std", path), None
+    if "encoder.cls_token" in state:
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        config = _json_meta(meta, "config", path) or {}
+        mean, std = config.get("data", {}).get("mean"), config.get("data", {}).get("std")
+        name = config.get("model", {}).get("encoder")
+    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{path}: not a ViT encoder with timm key names")
+    # the shapes fix width, depth, patch and grid; the metadata names the size (for the heads)
+    dim = state["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    name = name or meta.get("encoder")
+    if name is None:
+        name = next((n for n, (d, L, _) in ENCODER_SIZES.items() if (d, L) == (dim, depth)), None)
+    if name not in ENCODER_SIZES or ENCODER_SIZES[name][:2] != (dim, depth):
+        raise CheckpointError(f"{path}: width {dim}, depth {depth} match no known encoder size")
+    return EncoderWeights(
+        state,
+        name,
+        grid * patch,
+        patch,
+        tuple(mean) if mean else None,
+        tuple(std) if std else None,
+        source,
+    )
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path):
+    try:
+        return json.loads(meta[key]) if meta.get(key) else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON: {e}") from e
+
+
+def build_vit_encoder(weights: EncoderWeights) -> ViTEncoder:
+    """Our ViTEncoder (returns all tokens after the final norm) with ``weights`` loaded."""
+    dim, depth, heads = ENCODER_SIZES[weights.encoder]
+    enc = ViTEncoder(weights.img_size, weights.patch_size, dim, depth, heads)
+    enc.load_state_dict(weights.state, strict=True)
+    return enc
+
+
+def build_timm_vit(
+    weights: EncoderWeights,
+    num_classes: int,
+    pool: str = "mean",
+    drop_path: float = 0.0,
+) -> VisionTransformer:
+    """timm ViT classifier on ``weights`` (MAE fine-tuning head).
+
+    ``pool="mean"``: global average of the patch tokens, a fresh LayerNorm (fc_norm) in place of
+    the final norm, Linear head; ``pool="cls"``: the cls token after the pretrained final norm.
+    The head is trunc-normal with std 2e-5 (MAE), so the first logits are near zero.
+    """
+    dim, depth, heads = ENCODER_SIZES[weights.encoder]
+    avg = pool == "mean"
+    model = VisionTransformer(
+        img_size=weights.img_size,
+        patch_size=weights.patch_size,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=num_classes,
+        global_pool="avg" if avg else "token",
+        fc_norm=avg,
+        drop_path_rate=drop_path,
+    )
+    missing, unexpected = model.load_state_dict(weights.state, strict=False)
+    fresh = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if avg else set())
+    dropped = {"norm.weight", "norm.bias"} if avg else set()
+    if set(missing) != fresh or not set(unexpected) <= dropped:
+        raise CheckpointError(
+            f"encoder weights do not fit a timm ViT: missing {sorted(set(missing) - fresh)}, "
+            f"unexpected {sorted(set(unexpected) - dropped)}"
+        )
+    trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    return model
