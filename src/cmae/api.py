@@ -1,0 +1,109 @@
+"""Python API for using pretrained encoders: ``enc = load_encoder(path); feats = enc(images)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cmae.checkpoint import CheckpointError
+from cmae.config import IMAGENET_MEAN, IMAGENET_STD, load_config
+from cmae.encoders import build_vit_encoder, load_encoder_weights
+from cmae.export import FORMAT_FULL, load_model, safetensors_metadata
+from cmae.model import ViTEncoder
+from cmae.views import normalize
+
+POOLS = ("cls", "mean", "tokens")
+
+
+class Encoder(nn.Module):
+    """A ViT encoder for feature extraction (eval mode; no masking, final norm on).
+
+    ``forward(images, pool=None)``: images [N, 3, S, S], uint8 (normalised here with the
+    pretraining mean/std) or float (already normalised). ``pool``: ``"cls"`` -> [N, D] cls token,
+    ``"mean"`` -> [N, D] mean of the patch tokens, ``"tokens"`` -> [N, L, D] patch tokens.
+    """
+
+    def __init__(
+        self,
+        vit: ViTEncoder,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        pool: str = "cls",
+    ) -> None:
+        super().__init__()
+        _check_pool(pool)
+        self.vit = vit
+        self.pool = pool
+        self.img_size = vit.patch_embed.img_size[0]
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    def forward(self, images: Tensor, pool: str | None = None) -> Tensor:
+        pool = pool or self.pool
+        _check_pool(pool)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected {self.img_size}x{self.img_size} images (the position embedding's "
+                f"size), got {images.shape[-2]}x{images.shape[-1]}; resize first, or export "
+                "with `cmae export --img-size`"
+            )
+        if images.dtype == torch.uint8:
+            images = normalize(images, self.mean, self.std)
+        x = self.vit(images)  # [N, 1 + L, D]
+        if pool == "cls":
+            return x[:, 0]
+        if pool == "mean":
+            return x[:, 1:].mean(dim=1)
+        return x[:, 1:]
+
+
+def _check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def load_encoder(source: str | Path = "quick", pool: str = "cls", seed: int = 0) -> Encoder:
+    """A pretrained (or random) encoder in eval mode.
+
+    ``source``: a ``cmae pretrain`` run directory or its checkpoint.pt, an imported checkpoint,
+    an ``encoder.safetensors`` (timm names) or a ``full`` export; anything else is taken as a
+    preset name (``quick``, ``tiny``, ``vit_base``, ...) and gives a randomly initialised
+    encoder of that preset (seeded by ``seed``).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"
+    if not (path.suffix in (".pt", ".pth", ".safetensors") or path.is_file()):
+        cfg = load_config(str(source))
+        weights = load_encoder_weights("random", preset=str(source), seed=seed)
+        return Encoder(build_vit_encoder(weights), cfg.data.mean, cfg.data.std, pool).eval()
+    mean = std = None
+    if path.suffix == ".safetensors":
+        meta = safetensors_metadata(path)
+        if meta.get("format") == FORMAT_FULL:
+            model, cfg = load_model(path)
+            return Encoder(model.encoder, cfg.data.mean, cfg.data.std, pool).eval()
+        mean, std = _json_stats(meta)
+    weights = load_encoder_weights(str(path))
+    mean = weights.mean or mean or IMAGENET_MEAN
+    std = weights.std or std or IMAGENET_STD
+    return Encoder(build_vit_encoder(weights), mean, std, pool).eval()
+
+
+def _json_stats(meta: dict[str, str]) -> tuple[tuple | None, tuple | None]:
+    try:
+        mean, std = meta.get("mean"), meta.get("std")
+        return (
+            tuple(json.loads(mean)) if mean else None,
+            tuple(json.loads(std)) if std else None,
+        )
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"bad mean/std metadata: {e}") from e

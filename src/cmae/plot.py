@@ -1,0 +1,156 @@
+"""Run curves (``cmae plot RUN``) and the end-of-run ``summary.md``.
+
+Curves come from ``RUN/log.jsonl``: losses (total, pixel, contrastive), lr, momentum and the
+kNN top-1 of records that carry ``knn_top1``. Drawing needs matplotlib (the ``vis`` extra); it
+is imported only here, through its object API, so no global backend is switched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmae.data import DataError
+
+PLOT_SIZE = (1200, 800)  # px of curves.png
+LOSSES = (("loss", "total"), ("loss_pixel", "pixel"), ("loss_contrast", "contrastive"))
+
+
+class MissingDependencyError(RuntimeError):
+    """An optional package a feature needs is not installed; the message says how to get it."""
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir).expanduser() / "log.jsonl"
+    if not path.is_file():
+        raise DataError(f"no log.jsonl in {path.parent} (is it a `cmae pretrain` run directory?)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not a JSON line: {e}") from e
+    if not records:
+        raise DataError(f"{path} is empty: nothing to plot")
+    return records
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that hold a finite number under ``key``."""
+    pts = [
+        (r["step"], float(r[key]))
+        for r in records
+        if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the curves of a run to ``out`` (default ``RUN/curves.png``), PLOT_SIZE pixels."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise MissingDependencyError(
+            "plotting needs matplotlib: pip install 'cmae[vis]' (or pip install matplotlib)"
+        ) from e
+    run_dir = Path(run_dir).expanduser()
+    records = read_log(run_dir)
+    dpi = 100
+    fig = Figure(figsize=(PLOT_SIZE[0] / dpi, PLOT_SIZE[1] / dpi), dpi=dpi, layout="constrained")
+    ax_loss, ax_lr, ax_m, ax_knn = fig.subplots(2, 2).ravel()
+    for key, label in LOSSES:
+        x, y = series(records, key)
+        if y and any(v != 0 for v in y):  # MAE runs log loss_contrast = 0: leave it out
+            ax_loss.plot(x, y, label=label)
+    ax_loss.set_title("loss")
+    ax_loss.legend(loc="upper right")
+    for ax, key, title in ((ax_lr, "lr", "learning rate"), (ax_m, "momentum", "EMA momentum")):
+        x, y = series(records, key)
+        ax.plot(x, y)
+        ax.set_title(title)
+    x, y = series(records, "knn_top1")
+    if y:
+        ax_knn.plot(x, y, marker="o")
+    else:
+        ax_knn.text(0.5, 0.5, "no knn_top1 in log.jsonl", ha="center", va="center")
+    ax_knn.set_title("kNN top-1 (%)")
+    for ax in (ax_loss, ax_lr, ax_m, ax_knn):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir.name))
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def write_summary(
+    run_dir: str | Path,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    recon_png: Path | None = None,
+) -> Path:
+    """``RUN/summary.md``: what ran, how fast, final losses, kNN, links to the pictures.
+
+    Draws ``curves.png`` first when matplotlib is installed (else says how to get it).
+    """
+    run_dir = Path(run_dir)
+    m, t = config.get("model", {}), config.get("train", {})
+    lines = [
+        f"# Run summary: {run_dir.name}",
+        "",
+        f"- model: {m.get('method')} {m.get('encoder')}, {m.get('img_size')} px, "
+        f"patch {m.get('patch_size')}",
+        f"- data: {config.get('data', {}).get('path') or 'built-in generated shapes'}",
+        f"- steps: {summary.get('steps')}, batch {t.get('batch_size')}",
+    ]
+    if "wall_s" in summary:
+        lines.append(f"- wall time: {summary['wall_s']:.1f} s")
+    if "img_per_s" in summary:
+        lines.append(f"- throughput: {summary['img_per_s']:.1f} images/s")
+    losses = [
+        f"{label} {summary[key]:.4f}"
+        for key, label in LOSSES
+        if isinstance(summary.get(key), float)
+    ]
+    if losses:
+        lines.append(f"- final losses: {', '.join(losses)}")
+    knn, knn0 = summary.get("knn"), summary.get("knn_random_init")
+    if isinstance(knn, dict) and "top1" in knn:
+        vs = f" (random init {knn0['top1']:.2f} %)" if isinstance(knn0, dict) else ""
+        lines.append(f"- kNN top-1 at the end: {knn['top1']:.2f} %{vs}")
+    try:
+        records = read_log(run_dir)
+    except DataError:
+        records = []  # the summary must not fail the run that just finished
+    _, knn_log = series(records, "knn_top1")
+    if knn_log:
+        lines.append(f"- kNN top-1 during training: last {knn_log[-1]:.2f} %")
+    lines += ["", "## Pictures", ""]
+    if records and have_matplotlib():
+        curves = plot_run(run_dir)
+        lines.append(f"![curves]({curves.name})")
+    else:
+        lines.append(
+            "(curves: install matplotlib, `pip install 'cmae[vis]'`, then `cmae plot RUN`)"
+        )
+    if recon_png is not None:
+        lines += ["", f"![reconstructions]({Path(recon_png).name})"]
+    lines += ["", "## Config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip()]
+    lines += ["```", ""]
+    out = run_dir / "summary.md"
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,226 @@
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from cmae.checkpoint import save_checkpoint
+from cmae.cli import main
+from cmae.config import to_dict
+from cmae.data import SyntheticShapes
+from cmae.model import patchify
+from cmae.plot import PLOT_SIZE, MissingDependencyError, plot_run, write_summary
+from cmae.visualize import (
+    COLUMNS,
+    HEADER,
+    RunVisuals,
+    reconstruction_rows,
+    render_grid,
+    unnormalize_patches,
+)
+from tests.test_cli import small_run_args
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def grid_size(cols, rows, tile, pad=4):
+    return cols * tile + (cols + 1) * pad, HEADER + rows * tile + (rows + 1) * pad
+
+
+def uint8_views(n, two=True):
+    g = torch.Generator().manual_seed(0)
+    make = lambda: torch.randint(0, 256, (3, 16, 16), generator=g, dtype=torch.uint8)
+    return [(make(), make()) if two else (make(),) for _ in range(n)]
+
+
+def test_unnormalize_patches_inverts_norm_pix():
+    x = torch.randn(2, 5, 12) * 3 + 1
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True)
+    normed = (x - mean) / (var + 1e-6).sqrt()  # the norm-pix target of losses.masked_pixel_loss
+    assert torch.allclose(unnormalize_patches(normed, x), x, atol=1e-5)
+
+
+def test_reconstruction_rows_columns(tiny_model):
+    model = tiny_model()
+    views = uint8_views(3)
+    rows = reconstruction_rows(model, views, MEAN, STD, seed=1)
+    assert len(rows) == 3 and all(len(r) == 5 for r in rows)
+    original, masked, rec, pasted, target = rows[0]
+    assert torch.equal(original, views[0][0]) and torch.equal(target, views[0][1])
+    assert all(t.dtype == torch.uint8 and t.shape == (3, 16, 16) for t in rows[0])
+    # masked tile: grey where masked, original where visible; pasted: the reverse from rec
+    p = 4
+    pm, po, pr, pp = (patchify(t[None].float(), p)[0] for t in (masked, original, rec, pasted))
+    is_grey = (pm == 128).all(dim=1)
+    visible = (pm == po).all(dim=1) & ~is_grey
+    assert is_grey.sum() == 12 and visible.sum() == 4  # 16 px, patch 4, 2x2 blocks at 0.65
+    assert torch.equal(pp[visible], po[visible]) and torch.equal(pp[is_grey], pr[is_grey])
+    # same seed, same mask; and the mask follows the seed
+    again = reconstruction_rows(model, views, MEAN, STD, seed=1)
+    assert torch.equal(again[0][1], masked)
+    other = reconstruction_rows(model, views, MEAN, STD, seed=2)
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(rows, other, strict=True))
+    # MAE: no target view, four columns
+    mae_rows = reconstruction_rows(
+        tiny_model(**{"model.method": "mae"}), uint8_views(2, two=False), MEAN, STD
+    )
+    assert all(len(r) == 4 for r in mae_rows)
+
+
+def test_render_grid_size():
+    tiles = [[torch.zeros(3, 16, 16, dtype=torch.uint8)] * 5] * 3
+    img = render_grid(tiles, COLUMNS, tile=40)
+    assert img.size == grid_size(5, 3, 40)
+    assert img.getextrema() != ((255, 255),) * 3  # not a blank sheet
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shapes = SyntheticShapes(3, size=24, seed=5)
+    for i in range(3):
+        shapes[i][0].save(d / f"{i}.png")
+    return d
+
+
+def test_visualize_cli_writes_png_of_expected_size(tmp_path, tiny_cfg, tiny_model, image_dir):
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": tiny_model().state_dict(), "config": to_dict(tiny_cfg())}, ckpt)
+    out = tmp_path / "vis.png"
+    args = ["visualize", str(ckpt), "--images", str(image_dir), "--out", str(out), "--tile", "32"]
+    assert main(args) == 0
+    with Image.open(out) as im:
+        assert im.size == grid_size(5, 3, 32) and im.mode == "RGB"
+    assert out.stat().st_size > 1000
+    # same seed, same picture
+    assert main(args[:-2] + ["--tile", "32", "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
+    assert main(["visualize", str(ckpt), "--images", str(tmp_path / "no"), "--out", str(out)]) == 2
+
+
+def write_log(run_dir, with_knn=True):
+    run_dir.mkdir(exist_ok=True)
+    recs = []
+    for step in range(1, 21):
+        recs.append(
+            {
+                "step": step,
+                "epoch": step // 10,
+                "loss": 2.0 / step,
+                "loss_pixel": 1.0 / step,
+                "loss_contrast": 1.0 / step,
+                "lr": 1e-3 * step / 20,
+                "momentum": 0.996,
+                "img_per_s": 100.0,
+            }
+        )
+        if with_knn and step % 10 == 0:
+            recs.append({"step": step, "epoch": step // 10, "knn_top1": 20.0 + step})
+    (run_dir / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+
+@pytest.mark.parametrize("with_knn", [True, False])
+def test_plot_png_of_expected_size(tmp_path, with_knn):
+    write_log(tmp_path / "run", with_knn)
+    out = plot_run(tmp_path / "run")
+    assert out == tmp_path / "run" / "curves.png"
+    with Image.open(out) as im:
+        assert im.size == PLOT_SIZE
+    assert out.stat().st_size > 10_000
+
+
+def test_plot_cli_and_errors(tmp_path, capsys, monkeypatch):
+    write_log(tmp_path / "run")
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").is_file()
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no log.jsonl" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"cmae\[vis\]"):
+        plot_run(tmp_path / "run")
+    assert main(["plot", str(tmp_path / "run")]) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+def test_summary_md(tmp_path, tiny_cfg):
+    run = tmp_path / "run"
+    write_log(run)
+    summary = {"steps": 20, "wall_s": 3.5, "img_per_s": 91.4, "loss": 0.5, "loss_pixel": 0.4}
+    summary |= {"loss_contrast": 0.1, "knn": {"top1": 40.0}, "knn_random_init": {"top1": 20.0}}
+    text = write_summary(run, to_dict(tiny_cfg()), summary).read_text()
+    for part in ("3.5 s", "91.4 images/s", "pixel 0.4000", "40.00 %", "random init 20.00 %"):
+        assert part in text, part
+    assert "last 40.00 %" in text and "![curves](curves.png)" in text
+    assert (run / "curves.png").is_file() and "encoder: vit_tiny" in text
+
+
+def run_visuals(tmp_path, **kw):
+    data = [(v, 0) for v in uint8_views(4)]
+    return RunVisuals(tmp_path, dataset=data, mean=MEAN, std=STD, **kw)
+
+
+def test_vis_every_draws_grids(tmp_path, tiny_model):
+    model = tiny_model()
+    off = run_visuals(tmp_path / "off", tensorboard=False, vis_every=0)
+    on = run_visuals(tmp_path / "on", tensorboard=False, vis_every=2)
+    for epoch in (1, 2, 3, 4):
+        off.epoch_end(model, epoch, step=10 * epoch)
+        on.epoch_end(model, epoch, step=10 * epoch)
+    assert sorted(p.name for p in (tmp_path / "on").glob("*.png")) == [
+        "recon_step000020.png",
+        "recon_step000040.png",
+    ]
+    assert off.last_png is None and not list((tmp_path / "off").glob("*.png"))
+    off.epoch_end(model, 4, step=45, last=True)  # the end of the run always draws
+    on.epoch_end(model, 4, step=40, last=True)  # already drawn at this step
+    assert off.last_png.name == "recon_step000045.png"
+    assert len(list((tmp_path / "on").glob("*.png"))) == 2
+    with Image.open(on.last_png) as im:
+        assert im.size == grid_size(5, 4, 96)
+
+
+def test_tensorboard_flag(tmp_path, tiny_model, monkeypatch):
+    pytest.importorskip("tensorboard")
+    off = run_visuals(tmp_path / "off", tensorboard=False, vis_every=1)
+    off.log({"step": 1, "loss": 1.0})
+    assert not (tmp_path / "off" / "tensorboard").exists()
+    on = run_visuals(tmp_path / "on", tensorboard=True, vis_every=1)
+    on.log({"step": 1, "epoch": 0, "loss": 1.0, "knn_top1": 12.5})
+    on.epoch_end(tiny_model(), 1, step=1)
+    on.close()
+    events = list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 1000  # scalars + one image
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(MissingDependencyError, match="train.tensorboard"):
+        run_visuals(tmp_path, tensorboard=True, vis_every=0)
+
+
+@pytest.mark.slow
+def test_pretrain_run_writes_pictures_and_summary(tmp_path):
+    out = tmp_path / "run"
+    args = small_run_args(out) + ["train.vis_every=1", "train.epochs=2", "train.max_steps=8"]
+    assert main(args) == 0  # 64 images / batch 16: 4 steps per epoch
+    assert sorted(p.name for p in out.glob("recon_*.png")) == [
+        "recon_step000004.png",
+        "recon_step000008.png",
+    ]
+    text = (out / "summary.md").read_text()
+    assert "![curves](curves.png)" in text and "![reconstructions](recon_step000008.png)" in text
+    assert (out / "curves.png").is_file() and "kNN top-1 at the end" in text
+    png = tmp_path / "v.png"
+    assert (
+        main(["visualize", str(out / "checkpoint.pt"), "--images", str(out), "--out", str(png)])
+        == 0
+    )
+
+
+def test_vis_every_is_validated():
+    from cmae.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.vis_every"):
+        load_config(None, ["train.vis_every=-1"])
