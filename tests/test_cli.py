@@ -76,7 +76,7 @@ def test_pretrain_mae_preset(tmp_path):
     out = tmp_path / "mae"
     assert (
         main(
-            ["pretrain", "--config", "mae_tiny"]
+            ["pretrain", "--config", "mae_tiny", "--out", str(out)]
             + small_run_args(out)[3:]
             + ["train.knn_at_end=false"]
         )

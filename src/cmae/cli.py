@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from cmae.checkpoint import CheckpointError
-from cmae.config import ConfigError, load_config
+from cmae.config import (
+    ConfigError,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    load_config,
+    load_eval_config,
+)
 from cmae.data import DataError
+from cmae.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
+from cmae.plot import MissingDependencyError
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -19,6 +29,119 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.out is not None:
         overrides.append(f"train.out={args.out}")
     pretrain.run(load_config(args.config, overrides))
+
+
+EVAL_COMMANDS = {
+    "knn": (KnnConfig, "weighted k-NN top-1/top-5 of frozen features"),
+    "linprobe": (LinprobeConfig, "linear probe on the frozen encoder (fast or MAE protocol)"),
+    "finetune": (FinetuneConfig, "end-to-end fine-tuning (MAE recipe)"),
+}
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import importlib
+
+    cls = EVAL_COMMANDS[args.command][0]
+    # JSON-quoted: a path is a string even where YAML would read it as a number or a bool
+    overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
+    if args.data is not None:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.out is not None:
+        overrides.append(f"out={json.dumps(args.out)}")
+    cfg = load_eval_config(cls, args.config, overrides + list(args.overrides))
+    importlib.import_module(f"cmae.{args.command}").run(cfg)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from cmae import export
+
+    if args.format == "timm":
+        path = export.export_timm(args.checkpoint, args.out, args.img_size)
+    elif args.img_size is not None:
+        raise ConfigError("--img-size: only for --format timm (a full export keeps the model)")
+    else:
+        path = export.export_full(args.checkpoint, args.out)
+    print(f"wrote {path} ({args.format})")
+
+
+def _import_official(args: argparse.Namespace) -> None:
+    from cmae import export
+
+    result = export.load_official(
+        args.file,
+        args.layout,
+        bgr_to_rgb=args.bgr_to_rgb,
+        decoder_heads=args.decoder_heads,
+        strict=not args.allow_missing,
+    )
+    path = export.save_imported(result, args.out, str(args.file))
+    print(export.describe_import(result, args.layout, args.bgr_to_rgb))
+    print(f"wrote {path}")
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from cmae.visualize import visualize_files
+
+    path = visualize_files(
+        args.checkpoint, args.images, args.out, args.max_images, args.seed, args.tile
+    )
+    print(f"wrote {path}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from cmae.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def _add_interop_commands(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint: timm encoder or full pretraining state")
+    p.add_argument("checkpoint", help="checkpoint.pt of `cmae pretrain` (or an imported one)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument(
+        "--format",
+        choices=("timm", "full"),
+        default="timm",
+        help="timm: online encoder, timm VisionTransformer names (default); full: whole model "
+        "+ config (and OUT.yaml) to continue pretraining",
+    )
+    p.add_argument(
+        "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"
+    )
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import-official", help="official MAE / CMAE checkpoint -> cmae checkpoint")
+    p.add_argument("file", help="the official .pth")
+    p.add_argument("--layout", choices=("mae", "cmae"), required=True)
+    p.add_argument("--out", required=True, help="output checkpoint.pt")
+    p.add_argument(
+        "--bgr-to-rgb",
+        action="store_true",
+        help="rewrite the patch embedding for RGB input (official CMAE trained on B,G,R)",
+    )
+    p.add_argument(
+        "--decoder-heads", type=int, default=16, help="decoder heads (not in the shapes; 16)"
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="accept files without some parts (e.g. encoder only); they keep initial values",
+    )
+    p.set_defaults(func=_import_official)
+
+    p = sub.add_parser("visualize", help="reconstruction grid of a checkpoint on some images")
+    p.add_argument("checkpoint", help="checkpoint.pt or a full export (needs the decoder)")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or directories")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--max-images", type=int, default=8, help="rows (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="mask and target-view seed")
+    p.add_argument("--tile", type=int, default=96, help="tile size in pixels (default 96)")
+    p.set_defaults(func=_visualize)
+
+    p = sub.add_parser("plot", help="loss / lr / momentum / kNN curves of a run (matplotlib)")
+    p.add_argument("run_dir", help="run directory with log.jsonl")
+    p.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    p.set_defaults(func=_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, e.g. train.epochs=5 model.mask_ratio=0.75",
     )
     p.set_defaults(func=_pretrain)
+    for name, (_, help_text) in EVAL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random' "
+            "(a fresh encoder of encoder.preset, the baseline)",
+        )
+        p.add_argument(
+            "--data",
+            default=None,
+            help="ROOT with train/ and val/ (or test/) class folders; default: built-in shapes",
+        )
+        p.add_argument("--out", default=None, help=f"output directory (default: runs/{name})")
+        p.add_argument("--config", default=None, help="YAML file, e.g. a previous OUT/config.yaml")
+        p.add_argument(
+            "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. k=10"
+        )
+        p.set_defaults(func=_evaluate)
+    _add_interop_commands(sub)
     return parser
 
 
@@ -50,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except Preempted:  # a stop signal; the state is saved and the message printed
+        return EXIT_PREEMPTED
+    except (ConfigError, DataError, CheckpointError, MissingDependencyError, NonFiniteError) as e:
         print(f"cmae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

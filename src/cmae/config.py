@@ -88,14 +88,17 @@ class DataConfig:
     # kNN check at the end of pretraining on labelled data
     knn_bank: int = 10000  # at most this many labelled train images in the feature bank
     knn_queries: int = 2000  # at most this many held-out images queried
+    # unreadable images are replaced and counted (log.jsonl: bad_images); more than this
+    # fraction of an epoch is an error
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 1600
-    warmup_epochs: int = 40
+    warmup_epochs: float = 40  # fractions allowed: 0.2 = a fifth of an epoch
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke tests)
-    batch_size: int = 4096
+    batch_size: int = 4096  # the GLOBAL batch: split over the ranks and the accum_steps
     blr: float = 1.5e-4  # lr = blr * batch_size / 256
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
@@ -106,11 +109,29 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads on CPU; None = torch default
+    amp: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    compile: bool = False  # torch.compile the training forward/backward
+    # micro-batches per optimizer step; all micro-batches are contrasted with the keys of the
+    # whole step's batch, so only BatchNorm statistics differ from one large batch
+    accum_steps: int = 1
     log_every: int = 20
     out: str = "runs/cmae"
     knn_k: int = 20
     knn_t: float = 0.07
     knn_at_end: bool = True
+    knn_every: int = 0  # kNN on the held-out split every N epochs, logged as knn_top1; 0 = off
+    # reconstruction grid of 8 fixed samples (RUN/recon_step*.png, and TensorBoard) every N
+    # epochs; 0 = only at the end of the run
+    vis_every: int = 0
+    tensorboard: bool = False  # log scalars + those grids to RUN/tensorboard (cmae[tensorboard])
+    # fault tolerance: checkpoints in OUT/checkpoints/, written atomically (docs/RESUME.md)
+    resume: str = "auto"  # auto: the newest valid checkpoint in out | never | a checkpoint path
+    save_every_epochs: int = 1  # a checkpoint at the end of every N epochs (0: none)
+    save_every_steps: int = 0  # and every N steps inside epochs (0: none)
+    keep_last: int = 2  # the newest periodic checkpoints kept
+    keep_every_epochs: int = 0  # also keep, for good, those of every N-th epoch (0: none)
+    max_bad_steps: int = 20  # consecutive NaN/Inf steps (each skipped) that stop the run
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise resume on GPU
 
 
 @dataclass
@@ -142,6 +163,10 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[float, ...]: any non-empty length
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+            return tuple(_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         pairs = enumerate(zip(value, args, strict=True))
@@ -177,7 +202,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 def merge(cfg: Any, updates: dict[str, Any], prefix: str = "") -> None:
     """Recursively apply a nested dict of ``updates`` to dataclass ``cfg`` in place."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {updates!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
     types_ = _field_types(type(cfg))
     for key, value in updates.items():
         full = f"{prefix}{key}"
@@ -364,7 +389,220 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.log_every: must be positive, got {t.log_every}")
     if t.knn_k <= 0 or t.knn_t <= 0:
         raise ConfigError("train.knn_k / train.knn_t: must be positive")
+    if t.knn_every < 0:
+        raise ConfigError(f"train.knn_every: must be >= 0 (0 = off), got {t.knn_every}")
+    if t.vis_every < 0:
+        raise ConfigError(f"train.vis_every: must be >= 0 (0 = at the end only), got {t.vis_every}")
     if t.threads is not None and t.threads <= 0:
         raise ConfigError(f"train.threads: must be positive, got {t.threads}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if t.amp not in ("auto", "bf16", "fp16", "none"):
+        raise ConfigError(f"train.amp: expected auto, bf16, fp16 or none, got {t.amp!r}")
+    if t.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps: must be >= 1, got {t.accum_steps}")
+    if t.batch_size % t.accum_steps:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} must be divisible by train.accum_steps "
+            f"({t.accum_steps})"
+        )
+    if t.accum_steps > 1 and m.method == "cmae" and (m.symmetric or m.target_masked):
+        raise ConfigError(
+            "train.accum_steps: > 1 cannot be combined with model.symmetric or "
+            "model.target_masked (their keys depend on each micro-batch's masks)"
+        )
+    if not t.resume:
+        raise ConfigError("train.resume: expected auto, never or a checkpoint path, got ''")
+    for key in ("save_every_epochs", "save_every_steps", "keep_every_epochs"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0 (0 = off), got {getattr(t, key)}")
+    for key in ("keep_last", "max_bad_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
+    if t.min_lr < 0:
+        raise ConfigError(f"train.min_lr: must be >= 0, got {t.min_lr}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas: each must be in [0, 1), got {t.betas}")
+    for key in ("pixel_weight", "contrast_weight"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key}: must be >= 0, got {getattr(m, key)}")
+    for key in ("knn_bank", "knn_queries"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation commands (knn, linprobe, finetune): own top-level configs, same merge/validate rules
+
+
+@dataclass
+class EvalEncoderConfig:
+    # checkpoint.pt of `cmae pretrain`, an exported encoder.safetensors, or "random"
+    checkpoint: str = "random"
+    preset: str = "quick"  # "random" only: the pretraining preset / YAML whose model is built
+    pool: str = "mean"  # features: "mean" of the patch tokens or the "cls" token
+
+
+@dataclass
+class EvalDataConfig:
+    path: str | None = None  # ROOT with train/ and val/ (or test/) class folders; None = built-in
+    # None: the pretraining checkpoint's data.mean/std, else ImageNet's
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    crop_pct: float = 1.0  # eval view: resize to img_size / crop_pct, centre crop (0.875: 256->224)
+    num_workers: int = 4
+    # built-in generated data (used when path is None), as in the pretraining config
+    synthetic_train: int = 5000
+    synthetic_val: int = 1000
+    synthetic_size: int = 32
+    synthetic_seed: int = 0
+
+    def synthetic(self) -> dict[str, int]:
+        return {
+            "train": self.synthetic_train,
+            "val": self.synthetic_val,
+            "size": self.synthetic_size,
+            "seed": self.synthetic_seed,
+        }
+
+
+@dataclass
+class KnnConfig:
+    encoder: EvalEncoderConfig = field(default_factory=EvalEncoderConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256  # feature extraction
+    cache: bool = True  # keep the extracted features and reuse them on the next run
+    cache_dir: str | None = None  # None = OUT/features
+    device: str = "auto"
+    seed: int = 0  # the random-init encoder
+    out: str = "runs/knn"
+
+
+@dataclass
+class LinprobeConfig:
+    encoder: EvalEncoderConfig = field(default_factory=EvalEncoderConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    # fast: cached features, no augmentation; full: MAE protocol, RandomResizedCrop + flip
+    # images through the frozen encoder. Both train one head per blr in one pass.
+    mode: str = "fast"
+    optimizer: str = "sgd"  # sgd (momentum 0.9) or lars (the MAE protocol)
+    blrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # lr = blr * batch / 256
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 1024
+    cache: bool = True
+    cache_dir: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/linprobe"
+
+
+@dataclass
+class FinetuneConfig:
+    encoder: EvalEncoderConfig = field(default_factory=EvalEncoderConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    epochs: int = 100
+    warmup_epochs: int = 5
+    batch_size: int = 1024
+    blr: float = 5e-4  # lr = blr * batch / 256 (2.5e-4 for 1600-epoch checkpoints)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" = off
+    reprob: float = 0.25  # random erasing
+    mixup: float = 0.8  # alpha; 0 = off
+    cutmix: float = 1.0  # alpha; 0 = off
+    smoothing: float = 0.1
+    trainable_blocks: int | None = None  # partial fine-tuning: last k blocks + head; None = all
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/finetune"
+
+
+EvalConfig = KnnConfig | LinprobeConfig | FinetuneConfig
+
+
+def load_eval_config(
+    cls: type[EvalConfig], path: str | None = None, overrides: list[str] | None = None
+) -> EvalConfig:
+    """Defaults of ``cls``, then a YAML file (e.g. a run's config.yaml), then the overrides."""
+    cfg = cls()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            merge(cfg, load_yaml(p))
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
+    if overrides:
+        merge(cfg, parse_overrides(overrides))
+    validate_eval(cfg)
+    return cfg
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """Semantic checks of an evaluation config; each error names its key."""
+    e, d = cfg.encoder, cfg.data
+    if e.pool not in ("mean", "cls"):
+        raise ConfigError(f"encoder.pool: expected 'mean' or 'cls', got {e.pool!r}")
+    if e.checkpoint == "random":
+        preset_path(e.preset)  # fails early, naming the preset
+    if not 0 < d.crop_pct <= 1:
+        raise ConfigError(f"data.crop_pct: must be in (0, 1], got {d.crop_pct}")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        raise ConfigError(f"data.std: must be positive, got {d.std}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
+    if cfg.batch_size <= 0:
+        raise ConfigError(f"batch_size: must be positive, got {cfg.batch_size}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if isinstance(cfg, KnnConfig):
+        if cfg.k <= 0:
+            raise ConfigError(f"k: must be positive, got {cfg.k}")
+        if cfg.temperature <= 0:
+            raise ConfigError(f"temperature: must be positive, got {cfg.temperature}")
+        return
+    if cfg.epochs <= 0:
+        raise ConfigError(f"epochs: must be positive, got {cfg.epochs}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise ConfigError(f"warmup_epochs: must be in [0, epochs], got {cfg.warmup_epochs}")
+    if isinstance(cfg, LinprobeConfig):
+        if cfg.mode not in ("fast", "full"):
+            raise ConfigError(f"mode: expected 'fast' or 'full', got {cfg.mode!r}")
+        if cfg.optimizer not in ("sgd", "lars"):
+            raise ConfigError(f"optimizer: expected 'sgd' or 'lars', got {cfg.optimizer!r}")
+        if any(lr <= 0 for lr in cfg.blrs):
+            raise ConfigError(f"blrs: must all be positive, got {cfg.blrs}")
+        if cfg.batch_size < 2:
+            raise ConfigError("batch_size: BatchNorm needs at least 2 samples per batch")
+        return
+    if cfg.blr <= 0 or cfg.min_lr < 0:
+        raise ConfigError(f"blr / min_lr: need blr > 0, min_lr >= 0; got {cfg.blr}, {cfg.min_lr}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"weight_decay: must be >= 0, got {cfg.weight_decay}")
+    if not 0 < cfg.layer_decay <= 1:
+        raise ConfigError(f"layer_decay: must be in (0, 1], got {cfg.layer_decay}")
+    if not 0 <= cfg.drop_path < 1:
+        raise ConfigError(f"drop_path: must be in [0, 1), got {cfg.drop_path}")
+    if not 0 <= cfg.reprob <= 1:
+        raise ConfigError(f"reprob: probability must be in [0, 1], got {cfg.reprob}")
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise ConfigError(f"mixup / cutmix: alphas must be >= 0, got {cfg.mixup}, {cfg.cutmix}")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ConfigError(f"batch_size: mixup/cutmix need an even batch, got {cfg.batch_size}")
+    if not 0 <= cfg.smoothing < 1:
+        raise ConfigError(f"smoothing: must be in [0, 1), got {cfg.smoothing}")
+    if cfg.trainable_blocks is not None and cfg.trainable_blocks < 0:
+        raise ConfigError(f"trainable_blocks: must be >= 0, got {cfg.trainable_blocks}")

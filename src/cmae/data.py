@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (
@@ -203,6 +203,74 @@ def list_images(root: Path) -> list[Path]:
     return files
 
 
+# Images smaller than the crop are upscaled, as RandomResizedCrop does; only a side under
+# MIN_IMAGE_SIDE (1-pixel lines, tracking pixels) has nothing to crop and counts as unreadable.
+MIN_IMAGE_SIDE = 2
+# JPEGs above LARGE_IMAGE_PIXELS are decoded at 1/2..1/8 scale (DCT draft mode), short side
+# >= DRAFT_SIDE: a 100 MP scan costs a fraction of the time and memory, crops lose nothing.
+# Files over PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS) stay refused.
+LARGE_IMAGE_PIXELS = 4096 * 4096
+DRAFT_SIDE = 1024
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit and float grey are rescaled to 8 bits (PIL's own
+    conversion would clip them); palette transparency goes through RGBA; alpha is dropped, as
+    torchvision's loader does; CMYK uses PIL's conversion."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        peak = float(a.max(initial=0.0))
+        if im.mode.startswith("I;16") or peak > 255:
+            top = 65535.0
+        else:
+            top = 1.0 if im.mode == "F" and peak <= 1.0 else 255.0
+        im = Image.fromarray(np.clip(np.rint(a / top * 255), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` to an upright RGB image, or raise DataError naming the file and why."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if min(w, h) < MIN_IMAGE_SIDE:
+                raise DataError(f"image {path} is {w}x{h}: too small to crop")
+            if im.format == "JPEG" and w * h > LARGE_IMAGE_PIXELS:
+                scale = min(w, h) / DRAFT_SIDE
+                im.draft(im.mode, (int(w / scale), int(h / scale)))
+            return to_rgb(ImageOps.exif_transpose(im))  # camera rotation applied
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"image {path} exceeds PIL's decompression-bomb limit ({e}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - any decoder failure is reported with its path
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def check_readable(files: list[Path], root: Path, n: int = 16) -> None:
+    """Before training: at least one of ``n`` files spread over ``files`` must open (header
+    only), so a directory of nothing but broken files fails here, naming it; a partial flood
+    is caught while training by data.max_bad_fraction."""
+    picks = files[:: max(1, len(files) // n)][:n]
+    errors = []
+    for f in picks:
+        try:
+            with Image.open(f) as im:
+                if min(im.size) >= MIN_IMAGE_SIDE:
+                    return
+                errors.append(f"{f}: {im.size[0]}x{im.size[1]}, too small")
+        except Exception as e:  # noqa: BLE001 - reported below with the path
+            errors.append(f"{f}: {e}")
+    raise DataError(
+        f"none of the {len(picks)} images checked under {root} is usable: {'; '.join(errors[:3])}"
+    )
+
+
 class ImageFiles(Dataset):
     """Images below ``root``, recursively. The label is the index of the first-level folder
     (ImageFolder convention) or -1 for files directly in ``root``; pretraining ignores it."""
@@ -218,6 +286,7 @@ class ImageFiles(Dataset):
             raise DataError(
                 f"no images found under {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
+        check_readable(self.files, self.root)
         tops = sorted(
             {
                 f.relative_to(self.root).parts[0]
@@ -239,12 +308,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decoder failure is reported with its path
-            raise DataError(f"cannot read image {path}: {e}") from e
+        img = load_rgb(self.files[i])
         return (self.transform(img) if self.transform else img), self.labels[i]
 
 
@@ -316,3 +380,33 @@ def build_datasets(
     n_q = min(knn_queries, max(1, len(perm) // 10))
     q_idx, b_idx = perm[:n_q].tolist(), perm[n_q : n_q + knn_bank].tolist()
     return train, Subset(bank_all, b_idx), Subset(bank_all, q_idx)
+
+
+def labelled_splits(
+    path: str | None,
+    train_transform: Callable,
+    eval_transform: Callable,
+    synthetic: dict[str, int],
+) -> tuple[Dataset, Dataset, list[str]]:
+    """(train set, held-out set, class names) for the evaluation commands.
+
+    ``path=None`` uses the generated shapes (the same train / held-out seeds as pretraining);
+    otherwise ``path`` must hold train/ and val/ (or test/) with the same class folders.
+    """
+    if path is None:
+        n, size, s = synthetic["train"], synthetic["size"], synthetic["seed"]
+        train = SyntheticShapes(n, size, s, train_transform)
+        held = SyntheticShapes(synthetic["val"], size, s + 1_000_003, eval_transform)
+        return train, held, train.classes
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data path does not exist or is not a directory: {root}")
+    train_dir, held_dir = split_dirs(root)
+    if held_dir is None:
+        raise DataError(f"{root}: evaluation needs train/ and val/ (or test/) class folders")
+    train, held = ImageFiles(train_dir, train_transform), ImageFiles(held_dir, eval_transform)
+    if len(train.classes) < 2 or -1 in train.labels or -1 in held.labels:
+        raise DataError(f"{root}: train/ and {held_dir.name}/ must hold one folder per class")
+    if held.classes != train.classes:
+        raise DataError(f"class folders of {held_dir} differ from those of {train_dir}")
+    return train, held, train.classes

@@ -363,8 +363,20 @@ class CMAE(nn.Module):
 
     # -- loss ---------------------------------------------------------------------------------
 
-    def forward(self, online: Tensor, target: Tensor | None = None) -> CMAEOutput:
-        """online, target: normalised images [N, 3, S, S] (target unused in MAE mode)."""
+    def forward(
+        self,
+        online: Tensor,
+        target: Tensor | None = None,
+        keys: Tensor | None = None,
+        key_offset: int = 0,
+    ) -> CMAEOutput:
+        """online, target: normalised images [N, 3, S, S] (target unused in MAE mode).
+
+        ``keys`` [M, proj_dim]: keys computed beforehand (``forward_key``) for a larger batch in
+        which this batch's keys are rows ``key_offset .. key_offset + N``; they replace the
+        target view. Gradient accumulation uses it so every micro-batch is contrasted with the
+        keys of the whole accumulated (and gathered) batch.
+        """
         latent, mask, ids_restore, ids_keep = self.forward_encoder(online)
         pred, loss_pixel = self.forward_pixel_loss(online, latent, mask, ids_restore)
         if not self.contrastive:
@@ -372,9 +384,17 @@ class CMAE(nn.Module):
             return CMAEOutput(
                 self.pixel_weight * loss_pixel, loss_pixel, zero, pred, mask, None, None
             )
+        q = self.forward_query(latent, ids_restore)
+        if keys is not None:
+            if self.symmetric or self.target_masked:
+                # both ablations need keys that depend on this forward's masks
+                raise ValueError("precomputed keys do not support symmetric or target_masked")
+            k = keys[key_offset : key_offset + q.shape[0]]
+            loss_contrast = info_nce(q, k, self.temperature, keys=keys, offset=key_offset)
+            loss = self.pixel_weight * loss_pixel + self.contrast_weight * loss_contrast
+            return CMAEOutput(loss, loss_pixel, loss_contrast, pred, mask, q, k)
         if target is None:
             raise ValueError("CMAE needs the target view; pass model(online, target)")
-        q = self.forward_query(latent, ids_restore)
         k = self.forward_key(target, ids_keep)
         loss_contrast = info_nce(q, k, self.temperature)
         if self.symmetric:
@@ -389,11 +409,12 @@ class CMAE(nn.Module):
     # -- momentum update ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
+    def update_target(self, momentum: float | Tensor) -> None:
         """theta_t <- m * theta_t + (1 - m) * theta_o for encoder and projector, paired by name.
 
         Call once per optimizer step, after ``optimizer.step()``. BN running buffers are not
-        averaged (the target projector keeps its own, as in the reference).
+        averaged (the target projector keeps its own, as in the reference). A 0-dim tensor
+        ``momentum`` stays on the device: 1.0 skips the update without a host sync.
         """
         if not self.contrastive:
             return
@@ -407,6 +428,9 @@ class CMAE(nn.Module):
                 raise RuntimeError(f"target/online parameter names differ: {o.keys() ^ t.keys()}")
             online += [o[name] for name in t]
             target += [t[name] for name in t]
+        if isinstance(momentum, Tensor):
+            torch._foreach_lerp_(target, online, [1.0 - momentum] * len(target))
+            return
         torch._foreach_mul_(target, momentum)
         torch._foreach_add_(target, online, alpha=1.0 - momentum)
 

@@ -37,6 +37,25 @@ def target_color_transform(
     )
 
 
+def crop_flip(
+    size: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: float
+) -> v2.Compose:
+    """RandomResizedCrop (bicubic) to ``size`` + horizontal flip -> uint8 tensor."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                size,
+                scale=scale,
+                ratio=ratio,
+                interpolation=InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+            v2.RandomHorizontalFlip(hflip),
+            v2.PILToTensor(),
+        ]
+    )
+
+
 class PixelShiftViews:
     """One random master crop of side S + s, flipped; online = window at (0, 0), target = window
     at (dy, dx) ~ U{0..s-1}^2, colour-augmented. Returns (online, target) as uint8 [3, S, S].
@@ -55,19 +74,7 @@ class PixelShiftViews:
     ) -> None:
         self.img_size = img_size
         self.max_shift = max_shift
-        self.master = v2.Compose(
-            [
-                v2.RandomResizedCrop(
-                    img_size + max_shift,
-                    scale=scale,
-                    ratio=ratio,
-                    interpolation=InterpolationMode.BICUBIC,
-                    antialias=True,
-                ),
-                v2.RandomHorizontalFlip(hflip),
-                v2.PILToTensor(),
-            ]
-        )
+        self.master = crop_flip(img_size + max_shift, scale, ratio, hflip)
         self.target_color = target_color
 
     def __call__(self, img: Image.Image) -> tuple[Tensor, Tensor]:
@@ -94,29 +101,19 @@ class SingleView:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
     ) -> None:
-        self.transform = v2.Compose(
-            [
-                v2.RandomResizedCrop(
-                    img_size,
-                    scale=scale,
-                    ratio=ratio,
-                    interpolation=InterpolationMode.BICUBIC,
-                    antialias=True,
-                ),
-                v2.RandomHorizontalFlip(hflip),
-                v2.PILToTensor(),
-            ]
-        )
+        self.transform = crop_flip(img_size, scale, ratio, hflip)
 
     def __call__(self, img: Image.Image) -> tuple[Tensor]:
         return (self.transform(img),)
 
 
-def eval_transform(img_size: int) -> v2.Compose:
-    """Deterministic view for evaluation: resize the short side to S, centre crop S."""
+def eval_transform(img_size: int, crop_pct: float = 1.0) -> v2.Compose:
+    """Deterministic view for evaluation: resize the short side to S / crop_pct, centre crop S
+    (crop_pct 0.875 is the ImageNet protocol, 256 -> 224)."""
+    resize = int(img_size / crop_pct)
     return v2.Compose(
         [
-            v2.Resize(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
             v2.PILToTensor(),
         ]
