@@ -1,22 +1,40 @@
 """One full training step (forward, backward, AdamW, EMA) on random inputs; one JSON line each.
 
-    python benchmarks/bench_step.py                       # the default CPU configurations
-    python benchmarks/bench_step.py --preset tiny --mode cmae --batch 128 --threads 2
+    python benchmarks/bench_step.py              # the issue's two reference configurations,
+                                                 # MAE and CMAE mode, CPU fp32 (a few minutes)
+    python benchmarks/bench_step.py --preset ref_tiny --mode cmae --threads 2
+    python benchmarks/bench_step.py --preset tiny --batch 64      # any config preset
     python benchmarks/bench_step.py --device cuda --dtype bf16 --compile \
-        --preset vit_base --batch 256
+        --preset ref_vit_b16 --batch 256
 
-MFU = (matmul + attention FLOPs of the step, counted by torch.utils.flop_counter) / step time /
-(the dense matmul rate measured in the same run: fp32 2048^3 on CPU, the chosen dtype on CUDA).
+The step is ``cmae.pretrain.train_one_step``, the training loop's own step (with its non-finite
+guard), so what is measured is what ``cmae pretrain`` runs. Each (config, mode) runs in a fresh
+process (its own peak memory, allocator and thread pool). Per measurement: median step time of
+``--steps`` steps after ``--warmup`` steps, img/s, GFLOP per step (matmul + attention, counted by
+torch.utils.flop_counter on the eager model), achieved GFLOP/s, the dense matmul rate measured in
+the same process just before (fp32 2048^3 on CPU, the chosen dtype on CUDA), MFU = achieved /
+that peak, peak memory (CPU: the process's peak RSS; CUDA: peak allocated) and ``other_cpu``,
+the cores other processes used meanwhile (a shared machine's noise). A last line per
+config compares the CMAE/MAE step-time ratio with their FLOP ratio. For the reference presets
+``x_ref`` is img/s over the reference implementation's figure on the 2-core CPU (issue 7).
+
+Toggles to measure one optimisation against its absence in the same run: ``--optimizer``
+(AdamW implementation: fused, as ``cmae pretrain`` uses, foreach or the per-parameter loop),
+``--compile``. Older code: run this script with ``PYTHONPATH=<checkout>/src``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,10 +42,55 @@ from torch.utils.flop_counter import FlopCounterMode
 from cmae.config import load_config
 from cmae.model import build_model
 from cmae.optim import param_groups
+from cmae.pretrain import train_one_step
 
-# name -> (preset, batch) for the default run: the two reference configurations
-DEFAULT_RUNS = [("tiny", 128), ("vit_base", 8)]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The two reference configurations of issue 7, every field pinned (not read from the YAML
+# presets, which may change): name -> (batch, overrides). Masking per mode: MODE_MASK.
+BENCH_PRESETS: dict[str, tuple[int, list[str]]] = {
+    "ref_vit_b16": (
+        8,
+        [
+            "model.encoder=vit_base",
+            "model.img_size=224",
+            "model.patch_size=16",
+            "model.decoder_dim=512",
+            "model.decoder_depth=8",
+            "model.decoder_heads=16",
+            "model.feature_decoder=true",
+            "model.feature_decoder_depth=2",
+            "model.proj_hidden_dim=1536",
+            "model.proj_dim=256",
+        ],
+    ),
+    "ref_tiny": (
+        128,
+        [
+            "model.encoder=vit_tiny",
+            "model.img_size=32",
+            "model.patch_size=4",
+            "model.decoder_dim=128",
+            "model.decoder_depth=4",
+            "model.decoder_heads=4",
+            "model.feature_decoder=true",
+            "model.feature_decoder_depth=2",
+            "model.proj_hidden_dim=1536",
+            "model.proj_dim=256",
+            "data.max_shift=8",  # the data pipeline is not run; only valid for 32 px
+        ],
+    ),
+}
+# the reference code's masking: CMAE 2x2 blocks at 0.65, MAE per patch at 0.75
+MODE_MASK = {"cmae": (0.65, 2), "mae": (0.75, 1)}
+# img/s of the reference implementations, 2-core CPU, fp32, torch 2.14.1, 2 threads (issue 7)
+REFERENCE_IMG_PER_S = {
+    ("ref_vit_b16", "mae"): 1.48,
+    ("ref_vit_b16", "cmae"): 0.81,
+    ("ref_tiny", "mae"): 79.2,
+    ("ref_tiny", "cmae"): 35.9,
+}
+DEFAULT_PRESETS = ["ref_tiny", "ref_vit_b16"]
 
 
 def sync(device: torch.device) -> None:
@@ -38,7 +101,7 @@ def sync(device: torch.device) -> None:
 def matmul_peak(
     device: torch.device, dtype: torch.dtype | None, n: int = 2048, reps: int = 5
 ) -> float:
-    """Measured dense matmul GFLOP/s (the MFU denominator)."""
+    """Measured dense matmul GFLOP/s (the MFU denominator): the best of ``reps``."""
     dt = dtype or torch.float32
     a = torch.randn(n, n, device=device, dtype=dt)
     b = torch.randn(n, n, device=device, dtype=dt)
@@ -54,52 +117,73 @@ def matmul_peak(
     return 2 * n**3 / min(times) / 1e9
 
 
-def bench(
-    preset: str,
-    method: str,
-    batch: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    compile_: bool,
-    steps: int,
-    warmup: int,
-    peak: float,
-) -> dict:
-    overrides = [f"model.method={method}"]
-    cfg = load_config(preset, overrides)
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, of this process) so far; machine NaN off Linux.
+
+    Their difference over the timed steps is the CPU time other processes took: a shared
+    machine's noise, reported with each measurement (``other_cpu``)."""
+    own = sum(os.times()[:2])
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return float("nan"), own
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
+
+
+def make_config(preset: str, method: str):
+    """The model config of a bench preset (pinned) or of a config preset / YAML file."""
+    if preset in BENCH_PRESETS:
+        ratio, block = MODE_MASK[method]
+        mask = [f"model.mask_ratio={ratio}", f"model.mask_block={block}"]
+        return load_config(None, [*BENCH_PRESETS[preset][1], f"model.method={method}", *mask])
+    return load_config(preset, [f"model.method={method}"])
+
+
+def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    groups = param_groups(model, 0.05)
+    kwargs = {"fused": True} if kind == "fused" else {"foreach": kind == "foreach"}
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **kwargs)
+
+
+def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    cfg = make_config(preset, method)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
-    opt = torch.optim.AdamW(
-        param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
-    )
-    fwd = torch.compile(model) if compile_ else model
+    opt = make_optimizer(model, args.optimizer)
+    wrapped = torch.compile(model) if args.compile else model
     s = cfg.model.img_size
-    online = torch.randn(batch, 3, s, s, device=device)
-    target = torch.randn(batch, 3, s, s, device=device) if method == "cmae" else None
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(batch, 3, s, s, generator=g).to(device)]
+    if method == "cmae":
+        views.append(torch.randn(batch, 3, s, s, generator=g).to(device))
 
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = fwd(online, target)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        model.update_target(0.996)
-        return out.loss
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
+    def step(module: torch.nn.Module) -> None:
+        train_one_step(model, opt, views, 1e-4, 0.996, module, amp=dtype, scaler=scaler)
+
+    # FLOPs of one eager step (the compiled one runs the same matmuls)
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(model)
     flops = counter.get_total_flops()
-    for _ in range(warmup):
-        step()
+    for _ in range(args.warmup):
+        step(wrapped)
     sync(device)
+    peak = matmul_peak(device, dtype if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(steps):
+    busy0, own0 = cpu_seconds()
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        step()
+        step(wrapped)
         sync(device)
         times.append(time.perf_counter() - t0)
+    busy1, own1 = cpu_seconds()
+    other_cpu = max(0.0, (busy1 - busy0) - (own1 - own0)) / sum(times)
     ms = statistics.median(times) * 1e3
     achieved = flops / (ms / 1e3) / 1e9
     if device.type == "cuda":
@@ -107,7 +191,7 @@ def bench(
     else:
         mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
     ratio, block = cfg.model.resolved_mask()
-    return {
+    rec = {
         "bench": "step",
         "preset": preset,
         "mode": method,
@@ -118,50 +202,93 @@ def bench(
         "mask_block": block,
         "batch": batch,
         "device": str(device),
-        "dtype": "fp32" if dtype is None else str(dtype),
-        "compile": compile_,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "optimizer": args.optimizer,
         "threads": torch.get_num_threads(),
         "step_ms": round(ms, 2),
+        "step_ms_min": round(min(times) * 1e3, 2),
+        "step_ms_max": round(max(times) * 1e3, 2),
         "img_per_s": round(batch / (ms / 1e3), 2),
         "gflop_per_step": round(flops / 1e9, 3),
         "achieved_gflops": round(achieved, 2),
         "peak_gflops": round(peak, 2),
         "mfu": round(achieved / peak, 3),
         "peak_mem_mb": round(mem_mb, 1),
+        "other_cpu": round(other_cpu, 2),  # cores used by other processes while timing
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
+    ref = REFERENCE_IMG_PER_S.get((preset, method))
+    if (
+        ref is not None
+        and device.type == "cpu"
+        and dtype is None
+        and batch == BENCH_PRESETS[preset][0]
+    ):
+        rec["ref_img_per_s"] = ref
+        rec["x_ref"] = round(rec["img_per_s"] / ref, 3)
+    return rec
+
+
+def child_args(args: argparse.Namespace, preset: str, method: str, batch: int) -> list[str]:
+    out = [sys.executable, __file__, "--one", preset, method, str(batch)]
+    out += ["--device", args.device, "--dtype", args.dtype, "--optimizer", args.optimizer]
+    out += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
+    if args.compile:
+        out.append("--compile")
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", action="append", help="config preset (repeatable)")
-    p.add_argument("--batch", type=int, help="batch size (default: 128 tiny, 8 otherwise)")
+    p.add_argument(
+        "--preset",
+        action="append",
+        help=f"bench preset ({', '.join(BENCH_PRESETS)}) or config preset / YAML (repeatable)",
+    )
+    p.add_argument("--batch", type=int, help="batch size (default: the preset's, else 8)")
     p.add_argument("--mode", choices=["cmae", "mae", "both"], default="both")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--one", nargs=3, metavar=("PRESET", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    runs = (
-        [(name, args.batch or dict(DEFAULT_RUNS).get(name, 8)) for name in args.preset]
-        if args.preset
-        else [(n, args.batch or b) for n, b in DEFAULT_RUNS]
-    )
-    peak = matmul_peak(device, dtype if device.type == "cuda" else None)
+    if args.one:  # a single measurement, in this (child) process
+        preset, method, batch = args.one
+        print(json.dumps(bench(args, preset, method, int(batch))), flush=True)
+        return
     modes = ["mae", "cmae"] if args.mode == "both" else [args.mode]
-    for preset, batch in runs:
+    for preset in args.preset or DEFAULT_PRESETS:
+        batch = args.batch or BENCH_PRESETS.get(preset, (8,))[0]
+        recs = {}
         for method in modes:
-            rec = bench(
-                preset, method, batch, device, dtype, args.compile, args.steps, args.warmup, peak
+            res = subprocess.run(
+                child_args(args, preset, method, batch), stdout=subprocess.PIPE, text=True
             )
-            print(json.dumps(rec), flush=True)
+            if res.returncode:
+                sys.exit(f"bench_step: {preset} {method} failed (exit {res.returncode})")
+            line = res.stdout.strip().splitlines()[-1]
+            recs[method] = json.loads(line)
+            print(line, flush=True)
+        if len(recs) == 2:
+            mae, cmae = recs["mae"], recs["cmae"]
+            summary = {
+                "bench": "ratio",
+                "preset": preset,
+                "batch": batch,
+                "cmae_over_mae_time": round(cmae["step_ms"] / mae["step_ms"], 3),
+                "cmae_over_mae_flops": round(cmae["gflop_per_step"] / mae["gflop_per_step"], 3),
+            }
+            print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""Speed settings of the training loop leave the maths alone (docs/PERFORMANCE.md)."""
+
+import pytest
+import torch
+
+from cmae.optim import param_groups
+from cmae.pretrain import train_one_step
+from cmae.views import normalize
+
+
+def views(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    raw = [torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g) for _ in "ot"]
+    return [normalize(v, (0.5,) * 3, (0.25,) * 3) for v in raw]
+
+
+def train(model, fused: bool) -> list[float]:
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), fused=fused)
+    losses = []
+    for step in range(3):
+        torch.manual_seed(step)  # the same masks in both runs
+        losses.append(train_one_step(model, opt, views(step), 1e-3, 0.99).loss.item())
+    return losses
+
+
+def test_fused_adamw_trains_like_the_per_parameter_loop(tiny_model):
+    loop, fused = tiny_model(), tiny_model()
+    assert train(fused, fused=True) == pytest.approx(train(loop, fused=False), rel=1e-5)
+    # weight matrices only: some biases have a gradient that is zero up to rounding (the key
+    # bias of attention, the Linear bias before a BatchNorm), and Adam turns that noise into
+    # steps of +-lr in either implementation
+    for (name, a), b in zip(fused.named_parameters(), loop.parameters(), strict=True):
+        if a.ndim >= 2:
+            assert (a - b).norm() <= 1e-5 * b.norm(), name
