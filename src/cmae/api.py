@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from cmae.checkpoint import CheckpointError
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD, load_config
+from cmae.convvit import ConvViT
 from cmae.encoders import build_vit_encoder, load_encoder_weights
 from cmae.export import FORMAT_FULL, load_model, safetensors_metadata
 from cmae.model import ViTEncoder
@@ -19,7 +20,8 @@ POOLS = ("cls", "mean", "tokens")
 
 
 class Encoder(nn.Module):
-    """A ViT encoder for feature extraction (eval mode; no masking, final norm on).
+    """A ViT (or hybrid ConvViT) encoder for feature extraction (eval mode; no masking, final
+    norm on).
 
     ``forward(images, pool=None)``: images [N, 3, S, S], uint8 (normalised here with the
     pretraining mean/std) or float (already normalised). ``pool``: ``"cls"`` -> [N, D] cls token,
@@ -28,7 +30,7 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        vit: ViTEncoder,
+        vit: ViTEncoder | ConvViT,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         pool: str = "cls",
@@ -37,7 +39,7 @@ class Encoder(nn.Module):
         _check_pool(pool)
         self.vit = vit
         self.pool = pool
-        self.img_size = vit.patch_embed.img_size[0]
+        self.img_size = vit.img_size
         self.mean, self.std = tuple(mean), tuple(std)
 
     @property
@@ -74,9 +76,10 @@ def load_encoder(source: str | Path = "quick", pool: str = "cls", seed: int = 0)
     """A pretrained (or random) encoder in eval mode.
 
     ``source``: a ``cmae pretrain`` run directory or its checkpoint.pt, an imported checkpoint,
-    an ``encoder.safetensors`` (timm names) or a ``full`` export; anything else is taken as a
-    preset name (``quick``, ``tiny``, ``vit_base``, ...) and gives a randomly initialised
-    encoder of that preset (seeded by ``seed``).
+    an ``encoder.safetensors`` (timm names; a ConvViT's own names) or a ``full`` export;
+    anything else is taken as a preset name (``quick``, ``tiny``, ``vit_base``,
+    ``convvit_tiny``, ...) and gives a randomly initialised encoder of that preset (seeded by
+    ``seed``).
     """
     path = Path(source).expanduser()
     if path.is_dir() and (path / "checkpoint.pt").is_file():

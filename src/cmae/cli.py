@@ -56,7 +56,14 @@ def _export(args: argparse.Namespace) -> None:
     from cmae import export
 
     if args.format == "timm":
-        path = export.export_timm(args.checkpoint, args.out, args.img_size)
+        path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size)
+        if fmt == export.FORMAT_CONVVIT:
+            print(
+                f"wrote {path} ({fmt}): a ConvViT encoder is not a timm VisionTransformer, so "
+                "this is its own state dict (cmae names); load it with cmae.api.load_encoder "
+                "or `cmae knn / linprobe / finetune --checkpoint`"
+            )
+            return
     elif args.img_size is not None:
         raise ConfigError("--img-size: only for --format timm (a full export keeps the model)")
     else:
@@ -102,8 +109,8 @@ def _add_interop_commands(sub) -> None:
         "--format",
         choices=("timm", "full"),
         default="timm",
-        help="timm: online encoder, timm VisionTransformer names (default); full: whole model "
-        "+ config (and OUT.yaml) to continue pretraining",
+        help="timm: online encoder, timm VisionTransformer names (default; a ConvViT encoder "
+        "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining",
     )
     p.add_argument(
         "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     method: str = "cmae"  # "cmae" (contrastive + reconstruction) or "mae" (reconstruction only)
-    encoder: str = "vit_base"  # a key of cmae.model.ENCODER_SIZES
+    encoder: str = "vit_base"  # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES
     img_size: int = 224
     patch_size: int = 16
     drop_path: float = 0.0
@@ -69,6 +69,9 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     target_color_aug: bool = True
+    # the target's colour ops on the training device, batched (views.DeviceTargetColor): the
+    # data workers only decode and crop; same ops and parameter distributions
+    target_aug_device: bool = False
     color_jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
@@ -312,14 +315,19 @@ def load_config(preset: str | None = "tiny", overrides: list[str] | None = None)
 
 def validate(cfg: Config) -> None:
     """Semantic checks that the types cannot express; each error names its key."""
-    from cmae.model import ENCODER_SIZES  # local: keep config importable without torch
+    from cmae.convvit import CONVVIT_SIZES  # local: keep config importable without torch
+    from cmae.model import ENCODER_SIZES
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.method not in REFERENCE_MASK:
         raise ConfigError(f"model.method: expected 'cmae' or 'mae', got {m.method!r}")
-    if m.encoder not in ENCODER_SIZES:
+    if m.encoder not in ENCODER_SIZES and m.encoder not in CONVVIT_SIZES:
+        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES])
+        raise ConfigError(f"model.encoder: unknown {m.encoder!r} (known: {known})")
+    if m.encoder in CONVVIT_SIZES and m.patch_size % 4:
         raise ConfigError(
-            f"model.encoder: unknown {m.encoder!r} (known: {', '.join(ENCODER_SIZES)})"
+            f"model.patch_size: {m.patch_size} must be a multiple of 4 for {m.encoder} "
+            "(the total stride of its stages: patch/4, 2, 2)"
         )
     if m.patch_size <= 0 or m.img_size <= 0 or m.img_size % m.patch_size:
         raise ConfigError(

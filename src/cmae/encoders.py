@@ -2,8 +2,10 @@
 
 Three sources: a ``cmae pretrain`` checkpoint (``checkpoint.pt``: the ``encoder.`` keys of the
 model plus the config that built it), an exported ``encoder.safetensors`` (timm key names), or
-``"random"`` (a fresh encoder of a pretraining preset, the baseline). The weights always use
-timm ``VisionTransformer`` names, so both builders load them with ``strict`` key checks.
+``"random"`` (a fresh encoder of a pretraining preset, the baseline). ViT weights always use
+timm ``VisionTransformer`` names, so both builders load them with ``strict`` key checks. A
+hybrid ConvViT (cmae.convvit), which timm has no model for, keeps its own names; it is built as
+our ``ConvViT`` and fine-tuned as a ``ConvViTClassifier``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from torch import Tensor, nn
 
 from cmae.checkpoint import CheckpointError, load_checkpoint
 from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
+from cmae.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
 from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder
 
 
 class EncoderWeights(NamedTuple):
-    state: dict[str, Tensor]  # timm VisionTransformer key names
-    encoder: str  # a key of ENCODER_SIZES
+    state: dict[str, Tensor]  # timm VisionTransformer key names (ConvViT: its own names)
+    encoder: str  # a key of ENCODER_SIZES or CONVVIT_SIZES
     img_size: int
     patch_size: int
     # normalisation used in pretraining, when the checkpoint records it
@@ -88,11 +91,27 @@ def _from_safetensors(path: Path, source: str) -> EncoderWeights:
     # `cmae export` metadata: mean/std as JSON lists; a whole-model export (--format full) has
     # every tensor under its module prefix and the config as JSON
     mean, std, name = _json_meta(meta, "mean", path), _json_meta(meta, "std", path), None
+    sizes = meta  # ConvViT: image size and total stride (the shapes do not fix the image size)
     if "encoder.cls_token" in state:
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         config = _json_meta(meta, "config", path) or {}
         mean, std = config.get("data", {}).get("mean"), config.get("data", {}).get("std")
         name = config.get("model", {}).get("encoder")
+        sizes = config.get("model", {})
+    if (name or meta.get("encoder")) in CONVVIT_SIZES:
+        try:
+            img_size, patch = int(sizes["img_size"]), int(sizes["patch_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: ConvViT weights without img_size / patch_size") from e
+        return EncoderWeights(
+            state,
+            name or meta["encoder"],
+            img_size,
+            patch,
+            tuple(mean) if mean else None,
+            tuple(std) if std else None,
+            source,
+        )
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise CheckpointError(f"{path}: not a ViT encoder with timm key names")
     # the shapes fix width, depth, patch and grid; the metadata names the size (for the heads)
@@ -123,8 +142,16 @@ def _json_meta(meta: dict[str, str], key: str, path: Path):
         raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON: {e}") from e
 
 
-def build_vit_encoder(weights: EncoderWeights) -> ViTEncoder:
-    """Our ViTEncoder (returns all tokens after the final norm) with ``weights`` loaded."""
+def build_vit_encoder(weights: EncoderWeights) -> ViTEncoder | ConvViT:
+    """Our ViTEncoder (returns all tokens after the final norm) with ``weights`` loaded; our
+    ConvViT (same interface) for ConvViT weights."""
+    if weights.encoder in CONVVIT_SIZES:
+        enc = ConvViT.from_name(weights.encoder, weights.img_size, weights.patch_size)
+        try:
+            enc.load_state_dict(weights.state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"weights do not fit a {weights.encoder}: {e}") from e
+        return enc
     dim, depth, heads = ENCODER_SIZES[weights.encoder]
     enc = ViTEncoder(weights.img_size, weights.patch_size, dim, depth, heads)
     enc.load_state_dict(weights.state, strict=True)
@@ -170,3 +197,39 @@ def build_timm_vit(
     trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
     return model
+
+
+def build_convvit_classifier(
+    weights: EncoderWeights,
+    num_classes: int,
+    pool: str = "mean",
+    drop_path: float = 0.0,
+) -> ConvViTClassifier:
+    """ConvViT classifier on ``weights``: the counterpart of ``build_timm_vit`` (same pooling,
+    fc_norm and head init), with the same key checks: only the head (and fc_norm) are fresh,
+    only the final norm (replaced by fc_norm under mean pooling) is left out."""
+    enc = ConvViT.from_name(weights.encoder, weights.img_size, weights.patch_size, drop_path)
+    model = ConvViTClassifier(enc, num_classes, pool)
+    state = {f"encoder.{k}": v for k, v in weights.state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    avg = pool == "mean"
+    fresh = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if avg else set())
+    dropped = {"encoder.norm.weight", "encoder.norm.bias"} if avg else set()
+    if set(missing) != fresh or not set(unexpected) <= dropped:
+        raise CheckpointError(
+            f"encoder weights do not fit a {weights.encoder} classifier: missing "
+            f"{sorted(set(missing) - fresh)}, unexpected {sorted(set(unexpected) - dropped)}"
+        )
+    return model
+
+
+def build_classifier(
+    weights: EncoderWeights,
+    num_classes: int,
+    pool: str = "mean",
+    drop_path: float = 0.0,
+) -> VisionTransformer | ConvViTClassifier:
+    """The fine-tuning model: a timm ViT for ViT weights, a ``ConvViTClassifier`` for ConvViT."""
+    if weights.encoder in CONVVIT_SIZES:
+        return build_convvit_classifier(weights, num_classes, pool, drop_path)
+    return build_timm_vit(weights, num_classes, pool, drop_path)

@@ -5,6 +5,9 @@ Export formats (safetensors, metadata says which):
 - ``timm``: the online encoder with timm ``VisionTransformer`` key names (a key filter, since our
   encoder names equal timm's), position embeddings resampled when a new image size is asked for.
   ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=FILE))`` loads it.
+- ``cmae.ConvViT``: what the ``timm`` export writes for a hybrid ConvViT encoder (cmae.convvit),
+  which is not a timm ``VisionTransformer``: the encoder's own state dict and names, for
+  ``cmae.api.load_encoder`` and the evaluation commands.
 - ``full``: every tensor of the model (decoders, projector/predictor, target branch, BN buffers)
   plus the config as JSON metadata and a YAML file beside it, so pretraining can go on.
 
@@ -37,10 +40,17 @@ from torch import Tensor
 
 from cmae.checkpoint import CheckpointError, _atomic_write, load_checkpoint, save_checkpoint
 from cmae.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
-from cmae.model import CMAE, ENCODER_SIZES, build_model
+from cmae.convvit import CONVVIT_SIZES
+from cmae.model import CMAE, ENCODER_SIZES, build_model, sincos_pos_embed
 
 FORMAT_TIMM = "timm.VisionTransformer"
+FORMAT_CONVVIT = "cmae.ConvViT"
 FORMAT_FULL = "cmae.full"
+
+
+def encoder_format(encoder: str) -> str:
+    """The format of an encoder-only file of the size ``encoder`` (safetensors metadata)."""
+    return FORMAT_CONVVIT if encoder in CONVVIT_SIZES else FORMAT_TIMM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,23 +141,54 @@ def resize_pos_embed(state: dict[str, Tensor], grid: int) -> dict[str, Tensor]:
 
 def export_timm(ckpt: str | Path, out: str | Path, img_size: int | None = None) -> Path:
     """Write the online encoder of ``ckpt`` as a timm ViT safetensors file (``img_size``: resample
-    the position embedding for that input size; default the pretraining size)."""
+    the position embedding for that input size; default the pretraining size). A ConvViT
+    checkpoint is an error: use ``export_encoder``."""
     state, cfg = load_pretraining_state(ckpt)
+    if cfg.model.encoder in CONVVIT_SIZES:
+        raise CheckpointError(
+            f"{ckpt}: {cfg.model.encoder} is a hybrid ConvViT, not a timm VisionTransformer; "
+            "export_encoder writes its own state dict"
+        )
+    return _write_encoder(state, cfg, out, img_size)
+
+
+def export_encoder(
+    ckpt: str | Path, out: str | Path, img_size: int | None = None
+) -> tuple[Path, str]:
+    """``cmae export --format timm``: the online encoder of ``ckpt`` alone -> (path, format).
+
+    A ViT becomes a timm ``VisionTransformer`` file (``FORMAT_TIMM``, see ``export_timm``). A
+    ConvViT has no timm model: its own state dict and names are written (``FORMAT_CONVVIT``,
+    loaded by ``cmae.api.load_encoder`` and ``cmae knn / linprobe / finetune``).
+    """
+    state, cfg = load_pretraining_state(ckpt)
+    out = _write_encoder(state, cfg, out, img_size)
+    return out, encoder_format(cfg.model.encoder)
+
+
+def _write_encoder(
+    state: dict[str, Tensor], cfg: Config, out: str | Path, img_size: int | None
+) -> Path:
     m = cfg.model
     size = img_size or m.img_size
     if size <= 0 or size % m.patch_size:
         raise ConfigError(f"--img-size: {size} must be a positive multiple of the patch size")
     enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    enc = resize_pos_embed(enc, size // m.patch_size)
     meta = {
-        "format": FORMAT_TIMM,
+        "format": encoder_format(m.encoder),
         "encoder": m.encoder,
         "img_size": str(size),
         "patch_size": str(m.patch_size),
-        "timm_kwargs": json.dumps(timm_kwargs(m.encoder, size, m.patch_size)),
-        "mean": json.dumps(list(cfg.data.mean)),
-        "std": json.dumps(list(cfg.data.std)),
     }
+    if m.encoder in CONVVIT_SIZES:
+        # its position embedding is the fixed sin-cos one: recomputed for another image size
+        pos = sincos_pos_embed(enc["pos_embed"].shape[-1], size // m.patch_size)[None]
+        enc["pos_embed"] = pos.to(enc["pos_embed"].dtype)
+    else:
+        enc = resize_pos_embed(enc, size // m.patch_size)
+        meta["timm_kwargs"] = json.dumps(timm_kwargs(m.encoder, size, m.patch_size))
+    meta["mean"] = json.dumps(list(cfg.data.mean))
+    meta["std"] = json.dumps(list(cfg.data.std))
     tensors = {k: v.detach().cpu().contiguous() for k, v in enc.items()}
     out = Path(out)
     _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))

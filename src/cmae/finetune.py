@@ -1,8 +1,9 @@
 """``cmae finetune``: end-to-end fine-tuning, the MAE / CMAE recipe (spec section 5).
 
 A timm ``VisionTransformer`` carries the pretrained encoder (same key names) with a global-pool
-+ fc_norm head; AdamW with layer-wise lr decay, drop path, RandAugment, random erasing,
-mixup / cutmix, label smoothing, warmup + cosine per iteration; evaluated after every epoch.
++ fc_norm head (a ``ConvViTClassifier`` carries a ConvViT encoder, which timm cannot hold);
+AdamW with layer-wise lr decay, drop path, RandAugment, random erasing, mixup / cutmix, label
+smoothing, warmup + cosine per iteration; evaluated after every epoch.
 ``trainable_blocks=k`` fine-tunes only the last k blocks and the head (partial fine-tuning).
 """
 
@@ -23,8 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmae.config import ConfigError, FinetuneConfig, to_dict
+from cmae.convvit import ConvViTClassifier
 from cmae.data import labelled_splits
-from cmae.encoders import build_timm_vit, load_encoder_weights
+from cmae.encoders import build_classifier, load_encoder_weights
 from cmae.knn import eval_normalization, topk_accuracy, write_results
 from cmae.optim import cosine_lr
 from cmae.pretrain import resolve_device, seed_everything
@@ -71,26 +73,55 @@ def build_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int)
 
 
 def layer_decay_groups(
-    model: VisionTransformer, weight_decay: float, layer_decay: float
+    model: VisionTransformer | ConvViTClassifier, weight_decay: float, layer_decay: float
 ) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``: patch embed,
     cls token and pos-embed are layer 0, block i is layer i + 1, norm and head depth + 1. No
-    weight decay on 1-D parameters and ``no_weight_decay()``; frozen parameters left out."""
+    weight decay on 1-D parameters and ``no_weight_decay()``; frozen parameters left out.
+    A ConvViT has ``depth + 4`` layers (``ConvViTClassifier.layer_id``: stage 1, stage 2, the
+    stage-3 embedding, each transformer block, head), the same rule otherwise."""
+    if isinstance(model, ConvViTClassifier):
+        return _groups_by_layer(model, weight_decay, layer_decay)
     return param_groups_layer_decay(
         model, weight_decay, model.no_weight_decay(), layer_decay=layer_decay
     )
 
 
-def freeze_for_partial(model: VisionTransformer, trainable_blocks: int | None) -> None:
-    """Partial fine-tuning: only the last ``trainable_blocks`` blocks, the final norm / fc_norm
-    and the head train (None = everything trains)."""
+def _groups_by_layer(
+    model: ConvViTClassifier, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    top = model.num_layers - 1
+    skip = model.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decay = model.layer_id(name), p.ndim > 1 and name not in skip
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "lr_scale": layer_decay ** (top - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+                "params": [],
+            },
+        )
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def freeze_for_partial(
+    model: VisionTransformer | ConvViTClassifier, trainable_blocks: int | None
+) -> None:
+    """Partial fine-tuning: only the last ``trainable_blocks`` (transformer) blocks, the final
+    norm / fc_norm and the head train (None = everything trains)."""
     if trainable_blocks is None:
         return
     model.requires_grad_(False)
-    depth = len(model.blocks)
-    for block in model.blocks[depth - min(trainable_blocks, depth) :]:
+    vit = model.encoder if isinstance(model, ConvViTClassifier) else model
+    depth = len(vit.blocks)
+    for block in vit.blocks[depth - min(trainable_blocks, depth) :]:
         block.requires_grad_(True)
-    for module in (model.norm, model.fc_norm, model.head):
+    for module in (vit.norm, model.fc_norm, model.head):
         module.requires_grad_(True)
 
 
@@ -179,7 +210,7 @@ def run(cfg: FinetuneConfig) -> dict:
     )
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=d.num_workers)
 
-    model = build_timm_vit(weights, len(classes), cfg.encoder.pool, cfg.drop_path).to(device)
+    model = build_classifier(weights, len(classes), cfg.encoder.pool, cfg.drop_path).to(device)
     freeze_for_partial(model, cfg.trainable_blocks)
     base_lr = cfg.blr * cfg.batch_size / 256
     optimizer = torch.optim.AdamW(

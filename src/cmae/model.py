@@ -7,7 +7,8 @@ Target branch: momentum copy of encoder + projector on the full pixel-shifted ta
 encoder and pixel decoder, which is plain MAE in the same code.
 
 Encoder parameter names equal timm's ``VisionTransformer`` under the ``encoder.`` prefix, so
-exporting to timm is a key filter.
+exporting to timm is a key filter. ``convvit_*`` encoder sizes plug the hybrid ConvViT of
+``cmae.convvit`` (same interface, its own names) into the same model (``make_encoder``).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class ViTEncoder(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
+        self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
@@ -263,6 +265,7 @@ class CMAE(nn.Module):
         contrast_weight: float = 1.0,
         target_masked: bool = False,
         symmetric: bool = False,
+        encoder: str | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -277,10 +280,13 @@ class CMAE(nn.Module):
         self.target_masked = target_masked
         self.symmetric = symmetric
 
-        # encoder
-        self.encoder = ViTEncoder(
-            img_size, patch_size, embed_dim, depth, num_heads, drop_path=drop_path
+        # encoder: a named size (ViT or hybrid ConvViT), else a ViT of the given shape
+        self.encoder = (
+            make_encoder(encoder, img_size, patch_size, drop_path)
+            if encoder is not None
+            else ViTEncoder(img_size, patch_size, embed_dim, depth, num_heads, drop_path=drop_path)
         )
+        embed_dim = self.encoder.embed_dim
 
         # pixel decoder (MAE)
         self.pixel_decoder = Decoder(
@@ -445,16 +451,24 @@ def _init_module(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def make_encoder(name: str, img_size: int, patch_size: int, drop_path: float = 0.0) -> nn.Module:
+    """The encoder a size name describes: ``ViTEncoder`` (vit_*) or the hybrid ``ConvViT``
+    (convvit_*, cmae.convvit); both take ``(imgs, ids_keep, final_norm) -> [N, 1 + K, D]``."""
+    if name in ENCODER_SIZES:
+        dim, depth, heads = ENCODER_SIZES[name]
+        return ViTEncoder(img_size, patch_size, dim, depth, heads, drop_path=drop_path)
+    from cmae.convvit import ConvViT  # local: cmae.convvit imports this module's helpers
+
+    return ConvViT.from_name(name, img_size, patch_size, drop_path)
+
+
 def build_model(cfg) -> CMAE:  # cfg: cmae.config.ModelConfig
     """The CMAE (or MAE) model a ``ModelConfig`` describes."""
-    embed_dim, depth, heads = ENCODER_SIZES[cfg.encoder]
     ratio, block = cfg.resolved_mask()
     return CMAE(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=heads,
+        encoder=cfg.encoder,
         drop_path=cfg.drop_path,
         contrastive=cfg.method == "cmae",
         mask_ratio=ratio,
@@ -475,9 +489,8 @@ def build_model(cfg) -> CMAE:  # cfg: cmae.config.ModelConfig
     )
 
 
-def build_encoder(cfg) -> ViTEncoder:  # cfg: cmae.config.ModelConfig
+def build_encoder(cfg) -> nn.Module:  # cfg: cmae.config.ModelConfig
     """A freshly initialised encoder alone (e.g. the random-init baseline for evaluation)."""
-    embed_dim, depth, heads = ENCODER_SIZES[cfg.encoder]
-    enc = ViTEncoder(cfg.img_size, cfg.patch_size, embed_dim, depth, heads, drop_path=cfg.drop_path)
+    enc = make_encoder(cfg.encoder, cfg.img_size, cfg.patch_size, cfg.drop_path)
     enc.init_weights()
     return enc

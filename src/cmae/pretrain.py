@@ -28,6 +28,7 @@ from cmae.distributed import (
     world_size,
     wrap_model,
 )
+from cmae.export import encoder_format
 from cmae.faults import (
     BadSteps,
     Preempted,
@@ -47,6 +48,7 @@ from cmae.plot import write_summary
 from cmae.resume import find_resume, restore_training, set_deterministic, training_state
 from cmae.sampling import BadImages, EpochSampler, SeededSamples
 from cmae.views import (
+    DeviceTargetColor,
     PixelShiftViews,
     SingleView,
     eval_transform,
@@ -97,8 +99,40 @@ def build_views(cfg: Config):
         d.crop_scale,
         d.crop_ratio,
         d.hflip,
-        color if d.target_color_aug else None,
+        color if d.target_color_aug and not d.target_aug_device else None,
     )
+
+
+def build_device_color(cfg: Config) -> DeviceTargetColor | None:
+    """The target view's colour ops for the training device (``data.target_aug_device``)."""
+    m, d = cfg.model, cfg.data
+    if m.method == "mae" or not (d.target_color_aug and d.target_aug_device):
+        return None
+    return DeviceTargetColor(
+        d.brightness,
+        d.contrast,
+        d.saturation,
+        d.hue,
+        d.color_jitter_p,
+        d.grayscale_p,
+        d.blur_p,
+        d.blur_sigma,
+    )
+
+
+def to_device(
+    views: list[torch.Tensor],
+    device: torch.device,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    target_color: DeviceTargetColor | None = None,
+) -> list[torch.Tensor]:
+    """uint8 views from the loader -> normalised float32 on ``device`` (4x less to copy than
+    float); ``target_color`` first colour-augments the target view (views[1]) there."""
+    views = [v.to(device, non_blocking=True) for v in views]
+    if target_color is not None:
+        views[1] = target_color(views[1])
+    return [normalize(v, mean, std) for v in views]
 
 
 def train_one_step(
@@ -210,6 +244,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
             f"images in {d.path or 'the built-in data'})"
         )
     contrastive = cfg.model.method == "cmae"
+    device_color = build_device_color(cfg)  # None: the data workers do the colour ops
     sampler = EpochSampler(build_sampler(train_set, t.seed))  # (epoch, index); can skip ahead
     samples = SeededSamples(train_set, t.seed)  # seeds each sample's views, replaces bad ones
     loader = DataLoader(
@@ -231,8 +266,10 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     amp = resolve_amp(t.amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     base_lr = t.lr if t.lr is not None else t.blr * t.batch_size / 256  # global batch
+    # fused: one kernel for all parameters, on CPU too (faster than the per-parameter loop,
+    # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.faults)
     optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=base_lr, betas=t.betas, fused=device.type == "cuda"
+        param_groups(model, t.weight_decay), lr=base_lr, betas=t.betas, fused=True
     )
     steps_per_epoch = len(loader)
     total_steps = t.epochs * steps_per_epoch
@@ -305,7 +342,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
             bad_images.new_epoch()
         for views, _, bad in loader:
             bad_images.add(bad, d.path or "the built-in data")
-            views = [normalize(v.to(device, non_blocking=True), d.mean, d.std) for v in views]
+            views = to_device(views, device, d.mean, d.std, device_color)
             lr = cosine_lr(step, total_steps, warmup_steps, base_lr, t.min_lr)
             momentum = momentum_at(step, total_steps, t.momentum, t.momentum_end)
             out = train_one_step(
@@ -413,7 +450,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
         model,
         out_dir / "encoder.safetensors",
         metadata={
-            "format": "timm.VisionTransformer",
+            "format": encoder_format(cfg.model.encoder),
             "encoder": cfg.model.encoder,
             "img_size": str(cfg.model.img_size),
             "patch_size": str(cfg.model.patch_size),

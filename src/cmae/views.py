@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
@@ -35,6 +37,174 @@ def target_color_transform(
             v2.RandomApply([v2.GaussianBlur(kernel, sigma=blur_sigma)], p=blur_p),
         ]
     )
+
+
+class ColorParams(NamedTuple):
+    """Per-sample parameters of the target colour ops for a batch of N images."""
+
+    jitter: Tensor  # [N] bool, colour jitter applied
+    order: Tensor  # [N, 4] long, a permutation of (brightness, contrast, saturation, hue)
+    factors: Tensor  # [N, 4] float: brightness, contrast, saturation factors and hue shift
+    gray: Tensor  # [N] bool
+    blur: Tensor  # [N] bool
+    sigma: Tensor  # [N] float, the blur's standard deviation in pixels
+
+
+class DeviceTargetColor:
+    """``target_color_transform`` on a whole batch on the training device (GPU), so the data
+    workers only decode and crop.
+
+    Same ops, order (random per sample), probabilities and parameter distributions as the
+    per-image CPU path, drawn per sample. The uint8 rounding of torchvision's kernels is
+    reproduced (each jitter op truncates to integers, the blur rounds), so for given parameters
+    the output equals the CPU path's to within float rounding at integer boundaries.
+    uint8 [N, 3, H, W] in and out.
+    """
+
+    def __init__(
+        self,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        # factor ranges as torchvision's ColorJitter: [max(0, 1 - b), 1 + b], hue [-h, h]
+        self.low = (
+            max(0.0, 1 - brightness),
+            max(0.0, 1 - contrast),
+            max(0.0, 1 - saturation),
+            -hue,
+        )
+        self.high = (1 + brightness, 1 + contrast, 1 + saturation, hue)
+        self.jitter_p, self.grayscale_p, self.blur_p = jitter_p, grayscale_p, blur_p
+        self.blur_sigma = blur_sigma
+        self.kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1  # as target_color_transform
+
+    def sample(self, n: int) -> ColorParams:
+        """Parameters for n images, drawn on the host (torch's CPU generator, saved with the
+        training state): which images each op touches is then known without a device sync."""
+        u = torch.rand(n, 8)
+        low, high = torch.tensor(self.low), torch.tensor(self.high)
+        lo_s, hi_s = self.blur_sigma
+        return ColorParams(
+            jitter=u[:, 0] < self.jitter_p,
+            order=torch.rand(n, 4).argsort(dim=1),  # uniform random permutations
+            factors=low + (high - low) * u[:, 1:5],
+            gray=u[:, 5] < self.grayscale_p,
+            blur=u[:, 6] < self.blur_p,
+            sigma=lo_s + (hi_s - lo_s) * u[:, 7],
+        )
+
+    def apply(self, x: Tensor, p: ColorParams) -> Tensor:
+        """uint8 [N, 3, H, W] (any device) -> uint8, with the host parameters ``p``.
+
+        Each op runs only on the images it applies to, at its place in their order: the work is
+        that of the per-image path, batched (a jitter step per (position, op), then grayscale,
+        then blur).
+        """
+        steps = [(op, p.jitter & (p.order[:, pos] == op)) for pos in range(4) for op in range(4)]
+        steps += [(4, p.gray), (5, p.blur)]
+        per_op = torch.cat([p.factors, torch.zeros_like(p.sigma)[:, None], p.sigma[:, None]], 1)
+        index = [sel.nonzero().flatten() for _, sel in steps]
+        values = [per_op[i, op] for (op, _), i in zip(steps, index, strict=True)]
+        index_d, values_d = (_to_device(torch.cat(t), x.device) for t in (index, values))
+        x = x.float()
+        start = 0
+        for (op, _), i in zip(steps, index, strict=True):
+            k = len(i)
+            if k == 0:
+                continue
+            idx, val = index_d[start : start + k], values_d[start : start + k].view(-1, 1, 1, 1)
+            start += k
+            x.index_copy_(0, idx, self._op(op, x.index_select(0, idx), val))
+        return x.to(torch.uint8)
+
+    def _op(self, op: int, x: Tensor, value: Tensor) -> Tensor:
+        """Op ``op`` on float 0..255 images ``x`` [K, 3, H, W] with per-image ``value``
+        [K, 1, 1, 1], rounded to integers as torchvision's uint8 kernels do."""
+        if op == 3:
+            return _shift_hue(x, value.flatten())
+        if op == 4:
+            return _gray(x).floor().expand_as(x)
+        if op == 5:
+            return _blur(x, value.flatten(), self.kernel).round()
+        # brightness, contrast, saturation: blend with black, the mean grey level, the grey
+        # image (torchvision floors the grey of uint8 images); the result truncates to uint8
+        if op == 0:
+            base = torch.zeros_like(x[:, :1])
+        elif op == 1:
+            base = _gray(x).floor().mean(dim=(1, 2, 3), keepdim=True)
+        else:
+            base = _gray(x).floor()
+        return (x * value + base * (1 - value)).clamp(0, 255).floor()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.apply(x, self.sample(x.shape[0]))
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor to ``device`` without a sync (pinned, asynchronous on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W] luma with torchvision's weights."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Hue rotation by ``shift`` [N] (fraction of a turn) of 0..255 images, through HSV, with
+    torchvision's float -> uint8 conversion (x 255.999, truncated)."""
+    rgb = x / 255.0
+    r, g, b = rgb.unbind(dim=1)
+    maxc, _ = rgb.max(dim=1)
+    minc, _ = rgb.min(dim=1)
+    delta = maxc - minc
+    grey = delta == 0
+    s = delta / torch.where(grey, torch.ones_like(maxc), maxc)
+    d = torch.where(grey, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(grey, torch.zeros_like(h), h)
+    h = (h * (1.0 / 6.0) + 1.0).fmod(1.0)
+    h = (h + shift.view(-1, 1, 1)).remainder(1.0)
+    h6 = h * 6.0
+    i = h6.floor()
+    f = h6 - i
+    v = maxc
+    vpqt = torch.stack(
+        [
+            v,
+            (v * (1 - s)).clamp(0, 1),
+            (v * (1 - s * f)).clamp(0, 1),
+            (v * (1 - s * (1 - f))).clamp(0, 1),
+        ],
+        dim=1,
+    )  # [N, 4, H, W]
+    # hue sector i -> which of (v, p, q, t) is r, g and b
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]])
+    select = _to_device(select, x.device)[:, i.long().remainder(6)].transpose(0, 1)  # [N, 3, H, W]
+    out = vpqt.gather(1, select)
+    return (out * 255.999).floor()
+
+
+def _blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
+    """Separable Gaussian blur with a per-sample ``sigma`` [N], reflect padding."""
+    n, c, h, w = x.shape
+    offsets = torch.arange(kernel, device=x.device, dtype=x.dtype) - kernel // 2
+    k = torch.softmax(-0.5 * (offsets / sigma.view(-1, 1)) ** 2, dim=1)  # [N, kernel]
+    k = k.repeat_interleave(c, dim=0)  # [N*c, kernel], one per (sample, channel)
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(n * c, 1, kernel, 1), groups=n * c)
+    y = F.conv2d(y, k.view(n * c, 1, 1, kernel), groups=n * c)
+    return y.view(n, c, h, w)
 
 
 def crop_flip(
