@@ -301,16 +301,20 @@ def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
 def load_config(preset: str | None = "tiny", overrides: list[str] | None = None) -> Config:
     """Dataclass defaults, then the preset/YAML file (if any), then dotted overrides."""
     cfg = Config()
-    if preset is not None:
-        path = preset_path(preset)
+    apply_layers(cfg, preset_path(preset) if preset is not None else None, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_layers(cfg: Any, path: Path | None, overrides: list[str] | None) -> None:
+    """Merge a YAML file (errors prefixed with its path), then dotted overrides, into ``cfg``."""
+    if path is not None:
         try:
             merge(cfg, load_yaml(path))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
     if overrides:
         merge(cfg, parse_overrides(overrides))
-    validate(cfg)
-    return cfg
 
 
 def validate(cfg: Config) -> None:
@@ -542,16 +546,9 @@ def load_eval_config(
 ) -> EvalConfig:
     """Defaults of ``cls``, then a YAML file (e.g. a run's config.yaml), then the overrides."""
     cfg = cls()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            merge(cfg, load_yaml(p))
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from e
-    if overrides:
-        merge(cfg, parse_overrides(overrides))
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    apply_layers(cfg, Path(path) if path is not None else None, overrides)
     validate_eval(cfg)
     return cfg
 

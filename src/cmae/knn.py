@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -215,17 +216,36 @@ def write_results(out_dir: Path, results: dict, config: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class FrozenSetup(NamedTuple):
+    weights: EncoderWeights
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    view: nn.Module  # the un-augmented eval transform
+    train_set: Dataset
+    val_set: Dataset
+    classes: list[str]
+    cache_dir: Path | None
+    key: str
+
+
+def frozen_setup(cfg) -> FrozenSetup:  # cfg: KnnConfig or LinprobeConfig
+    """What kNN and the linear probe share: weights, normalisation, splits, feature-cache key."""
+    d = cfg.data
+    weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
+    mean, std = eval_normalization(d.mean, d.std, weights)
+    view = eval_transform(weights.img_size, d.crop_pct)
+    train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
+    cache_dir = Path(cfg.cache_dir or Path(cfg.out) / "features") if cfg.cache else None
+    key = features_key(weights, d.path, d.synthetic(), d.crop_pct, mean, std, cfg.encoder.pool)
+    return FrozenSetup(weights, mean, std, view, train_set, val_set, classes, cache_dir, key)
+
+
 def run(cfg: KnnConfig) -> dict:
     from cmae.pretrain import resolve_device  # local: pretrain imports this module
 
     d, pool, out_dir = cfg.data, cfg.encoder.pool, Path(cfg.out)
     device = resolve_device(cfg.device)
-    weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
-    mean, std = eval_normalization(d.mean, d.std, weights)
-    view = eval_transform(weights.img_size, d.crop_pct)
-    train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
-    cache_dir = (Path(cfg.cache_dir or out_dir / "features")) if cfg.cache else None
-    key = features_key(weights, d.path, d.synthetic(), d.crop_pct, mean, std, pool)
+    weights, mean, std, _, train_set, val_set, classes, cache_dir, key = frozen_setup(cfg)
     encoder = build_vit_encoder(weights).to(device)
     bank, bank_y, q, q_y = frozen_features(
         encoder,

@@ -21,20 +21,19 @@ from tqdm import tqdm
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
 from cmae.data import labelled_splits
-from cmae.encoders import build_vit_encoder, load_encoder_weights
+from cmae.encoders import build_vit_encoder
 from cmae.knn import (
     cached_features,
-    eval_normalization,
     feature_cache_file,
-    features_key,
     frozen_features,
+    frozen_setup,
     pool_tokens,
     topk_accuracy,
     write_results,
 )
 from cmae.optim import cosine_lr
 from cmae.pretrain import resolve_device, seed_everything
-from cmae.views import crop_flip, eval_transform, normalize
+from cmae.views import crop_flip, normalize
 
 # MAE linear-probe augmentation (torchvision RandomResizedCrop defaults) and optimizer momentum
 PROBE_CROP_SCALE = (0.08, 1.0)
@@ -196,16 +195,11 @@ def image_batches(
 def run(cfg: LinprobeConfig) -> dict:
     d, pool, out_dir = cfg.data, cfg.encoder.pool, Path(cfg.out)
     device = resolve_device(cfg.device)
-    weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
-    mean, std = eval_normalization(d.mean, d.std, weights)
-    view = eval_transform(weights.img_size, d.crop_pct)
-    train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
+    weights, mean, std, view, train_set, val_set, classes, cache_dir, key = frozen_setup(cfg)
     if cfg.batch_size > len(train_set):
         raise ConfigError(
             f"batch_size: {cfg.batch_size} is larger than the train split ({len(train_set)})"
         )
-    cache_dir = Path(cfg.cache_dir or out_dir / "features") if cfg.cache else None
-    key = features_key(weights, d.path, d.synthetic(), d.crop_pct, mean, std, pool)
     encoder = build_vit_encoder(weights).to(device).requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.mode == "fast":
