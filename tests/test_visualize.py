@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import sys
 
@@ -22,6 +23,10 @@ from cmae.visualize import (
 from tests.test_cli import small_run_args
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+# the dev extra installs matplotlib, so these run in CI; a bare install skips them
+needs_mpl = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed"
+)
 
 
 def grid_size(cols, rows, tile, pad=4):
@@ -121,6 +126,7 @@ def write_log(run_dir, with_knn=True):
     (run_dir / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
 
 
+@needs_mpl
 @pytest.mark.parametrize("with_knn", [True, False])
 def test_plot_png_of_expected_size(tmp_path, with_knn):
     write_log(tmp_path / "run", with_knn)
@@ -131,6 +137,7 @@ def test_plot_png_of_expected_size(tmp_path, with_knn):
     assert out.stat().st_size > 10_000
 
 
+@needs_mpl
 def test_plot_cli_and_errors(tmp_path, capsys, monkeypatch):
     write_log(tmp_path / "run")
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 0
@@ -144,6 +151,7 @@ def test_plot_cli_and_errors(tmp_path, capsys, monkeypatch):
     assert "matplotlib" in capsys.readouterr().err
 
 
+@needs_mpl
 def test_summary_md(tmp_path, tiny_cfg):
     run = tmp_path / "run"
     write_log(run)
@@ -154,6 +162,16 @@ def test_summary_md(tmp_path, tiny_cfg):
         assert part in text, part
     assert "last 40.00 %" in text and "![curves](curves.png)" in text
     assert (run / "curves.png").is_file() and "encoder: vit_tiny" in text
+
+
+def test_summary_md_without_matplotlib(tmp_path, tiny_cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    run = tmp_path / "run"
+    write_log(run)
+    summary = {"steps": 20, "wall_s": 3.5, "img_per_s": 91.4, "loss": 0.5, "loss_pixel": 0.4}
+    text = write_summary(run, to_dict(tiny_cfg()), summary).read_text()
+    assert "91.4 images/s" in text and "curves.png" not in text
+    assert not (run / "curves.png").exists()
 
 
 def run_visuals(tmp_path, **kw):
@@ -200,6 +218,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
         run_visuals(tmp_path, tensorboard=True, vis_every=0)
 
 
+@needs_mpl
 @pytest.mark.slow
 def test_pretrain_run_writes_pictures_and_summary(tmp_path):
     out = tmp_path / "run"

@@ -24,14 +24,6 @@ class MissingDependencyError(RuntimeError):
     """An optional package a feature needs is not installed; the message says how to get it."""
 
 
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir).expanduser() / "log.jsonl"
     if not path.is_file():
@@ -140,8 +132,13 @@ def write_summary(
     if knn_log:
         lines.append(f"- kNN top-1 during training: last {knn_log[-1]:.2f} %")
     lines += ["", "## Pictures", ""]
-    if records and have_matplotlib():
-        curves = plot_run(run_dir)
+    curves = None
+    if records:
+        try:
+            curves = plot_run(run_dir)
+        except MissingDependencyError:
+            pass  # a summary without curves is still a summary
+    if curves is not None:
         lines.append(f"![curves]({curves.name})")
     else:
         lines.append(
