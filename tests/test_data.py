@@ -71,3 +71,10 @@ def test_build_datasets_splits(tmp_path):
     write_tree(tmp_path / "flat", {f"{i}.png": 8 for i in range(4)})
     train, bank, queries = build_datasets(str(tmp_path / "flat"), t, t, syn, 100, 100)
     assert len(train) == 4 and bank is None and queries is None
+
+
+def test_loader_workers_capped_at_usable_cpus(monkeypatch):
+    from cmae import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [data.loader_workers(n) for n in (0, 1, 2, 8)] == [0, 1, 2, 2]

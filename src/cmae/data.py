@@ -190,6 +190,17 @@ def render_shape(label: int, size: int, rng: np.random.Generator) -> Image.Image
 # image directories
 
 
+def loader_workers(requested: int) -> int:
+    """Data-loader workers actually started: ``requested``, at most the CPUs this process may
+    use (more only add memory and a DataLoader warning). Results do not depend on the count:
+    every sample's views are seeded by (seed, epoch, index), not by the worker."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(requested, cpus)
+
+
 def list_images(root: Path) -> list[Path]:
     """All image files below ``root`` (recursive, sorted, hidden entries skipped)."""
     files = []

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cmae.config import ConfigError, FinetuneConfig, to_dict
 from cmae.convvit import ConvViTClassifier
-from cmae.data import labelled_splits
+from cmae.data import labelled_splits, loader_workers
 from cmae.encoders import build_classifier, load_encoder_weights
 from cmae.knn import eval_normalization, topk_accuracy, write_results
 from cmae.optim import cosine_lr
@@ -198,17 +198,18 @@ def run(cfg: FinetuneConfig) -> dict:
         raise ConfigError(
             f"batch_size: {cfg.batch_size} is larger than the train split ({len(train_set)})"
         )
+    workers = loader_workers(d.num_workers)
     loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
         shuffle=True,
         drop_last=True,  # mixup pairs samples: the batch must stay even
-        num_workers=d.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=d.num_workers > 0,
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=d.num_workers)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=workers)
 
     model = build_classifier(weights, len(classes), cfg.encoder.pool, cfg.drop_path).to(device)
     freeze_for_partial(model, cfg.trainable_blocks)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, to_dict
-from cmae.data import labelled_splits
+from cmae.data import labelled_splits, loader_workers
 from cmae.encoders import EncoderWeights, build_vit_encoder, load_encoder_weights
 from cmae.views import eval_transform, normalize
 
@@ -256,7 +256,7 @@ def run(cfg: KnnConfig) -> dict:
         std,
         pool,
         cfg.batch_size,
-        d.num_workers,
+        loader_workers(d.num_workers),
         cache_dir,
         key,
     )

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
-from cmae.data import labelled_splits
+from cmae.data import labelled_splits, loader_workers
 from cmae.encoders import build_vit_encoder
 from cmae.knn import (
     cached_features,
@@ -194,6 +194,7 @@ def image_batches(
 
 def run(cfg: LinprobeConfig) -> dict:
     d, pool, out_dir = cfg.data, cfg.encoder.pool, Path(cfg.out)
+    workers = loader_workers(d.num_workers)
     device = resolve_device(cfg.device)
     weights, mean, std, view, train_set, val_set, classes, cache_dir, key = frozen_setup(cfg)
     if cfg.batch_size > len(train_set):
@@ -212,7 +213,7 @@ def run(cfg: LinprobeConfig) -> dict:
             std,
             pool,
             EXTRACT_BATCH,
-            d.num_workers,
+            workers,
             cache_dir,
             key,
         )
@@ -221,7 +222,7 @@ def run(cfg: LinprobeConfig) -> dict:
     else:
         val_file = feature_cache_file(cache_dir, key, "val")
         x_va, y_va = cached_features(
-            encoder, val_set, device, mean, std, pool, EXTRACT_BATCH, d.num_workers, val_file
+            encoder, val_set, device, mean, std, pool, EXTRACT_BATCH, workers, val_file
         )
         augment = crop_flip(weights.img_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO, 0.5)
         aug_set, _, _ = labelled_splits(d.path, augment, view, d.synthetic())
@@ -230,9 +231,9 @@ def run(cfg: LinprobeConfig) -> dict:
             batch_size=cfg.batch_size,
             shuffle=True,
             drop_last=True,
-            num_workers=d.num_workers,
+            num_workers=workers,
             pin_memory=device.type == "cuda",
-            persistent_workers=d.num_workers > 0,
+            persistent_workers=workers > 0,
             generator=generator,
         )
         batches = image_batches(encoder, loader, device, mean, std, pool)

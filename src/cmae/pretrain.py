@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cmae.checkpoint import RunCheckpoints, remove_stale_temps, save_encoder
 from cmae.config import Config, ConfigError, to_dict
-from cmae.data import build_datasets
+from cmae.data import build_datasets, loader_workers
 from cmae.distributed import (
     build_sampler,
     is_main,
@@ -252,7 +252,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
         batch_size=local_batch_size(t.batch_size, world_size(), t.accum_steps, contrastive),
         sampler=sampler,
         drop_last=True,
-        num_workers=d.num_workers,
+        num_workers=loader_workers(d.num_workers),
         pin_memory=device.type == "cuda",
         persistent_workers=d.num_workers > 0,
         generator=torch.Generator().manual_seed(t.seed + rank()),  # worker seeds, per rank
@@ -419,7 +419,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
                     d.std,
                     t.knn_k,
                     t.knn_t,
-                    num_workers=min(d.num_workers, 2),
+                    num_workers=min(loader_workers(d.num_workers), 2),
                 )
             rec = {"step": step, "epoch": epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
             log_file.write(json.dumps(rec) + "\n")
@@ -483,7 +483,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
                 d.std,
                 t.knn_k,
                 t.knn_t,
-                num_workers=min(d.num_workers, 2),
+                num_workers=min(loader_workers(d.num_workers), 2),
             )
 
         torch.manual_seed(t.seed)
