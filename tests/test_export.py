@@ -128,3 +128,27 @@ def test_export_cli(ckpt, tmp_path, capsys):
     assert main(args + ["--img-size", "32"]) == 2
     assert "--img-size" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "d")]) == 2
+
+
+def test_target_branch_export(ckpt, tmp_path, tiny_cfg, capsys):
+    path, model, _ = ckpt
+    out = export_timm(path, tmp_path / "target.safetensors", branch="target")
+    assert safetensors_metadata(out)["branch"] == "target"
+    vit = timm_from_file(out)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = vit.forward_features(x)
+        assert torch.allclose(theirs, model.target_encoder.eval()(x), atol=1e-5)
+        assert not torch.allclose(theirs, model.encoder.eval()(x), atol=1e-3)  # noised apart
+    mae_cfg = tiny_cfg()
+    mae_cfg.model.method = "mae"
+    from cmae.model import build_model
+
+    mae_path = tmp_path / "mae.pt"
+    state = build_model(mae_cfg.model).state_dict()
+    save_checkpoint({"model": state, "config": to_dict(mae_cfg), "step": 1}, mae_path)
+    with pytest.raises(CheckpointError, match="no target encoder"):
+        export_timm(mae_path, tmp_path / "x.safetensors", branch="target")
+    args = ["export", str(path), "--out", str(tmp_path / "f.safetensors"), "--format", "full"]
+    assert main(args + ["--branch", "target"]) == 2
+    assert "--branch" in capsys.readouterr().err

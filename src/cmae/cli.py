@@ -56,7 +56,7 @@ def _export(args: argparse.Namespace) -> None:
     from cmae import export
 
     if args.format == "timm":
-        path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size)
+        path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
         if fmt == export.FORMAT_CONVVIT:
             print(
                 f"wrote {path} ({fmt}): a ConvViT encoder is not a timm VisionTransformer, so "
@@ -64,8 +64,10 @@ def _export(args: argparse.Namespace) -> None:
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
             return
-    elif args.img_size is not None:
-        raise ConfigError("--img-size: only for --format timm (a full export keeps the model)")
+    elif args.img_size is not None or args.branch != "online":
+        raise ConfigError(
+            "--img-size / --branch: only for --format timm (a full export keeps the whole model)"
+        )
     else:
         path = export.export_full(args.checkpoint, args.out)
     print(f"wrote {path} ({args.format})")
@@ -114,6 +116,12 @@ def _add_interop_commands(sub) -> None:
     )
     p.add_argument(
         "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"
+    )
+    p.add_argument(
+        "--branch",
+        choices=("online", "target"),
+        default="online",
+        help="timm: the online encoder (default) or the momentum target encoder (CMAE only)",
     )
     p.set_defaults(func=_export)
 

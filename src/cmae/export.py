@@ -139,43 +139,61 @@ def resize_pos_embed(state: dict[str, Tensor], grid: int) -> dict[str, Tensor]:
     return {**state, "pos_embed": new.contiguous()}
 
 
-def export_timm(ckpt: str | Path, out: str | Path, img_size: int | None = None) -> Path:
-    """Write the online encoder of ``ckpt`` as a timm ViT safetensors file (``img_size``: resample
-    the position embedding for that input size; default the pretraining size). A ConvViT
-    checkpoint is an error: use ``export_encoder``."""
+def export_timm(
+    ckpt: str | Path, out: str | Path, img_size: int | None = None, branch: str = "online"
+) -> Path:
+    """Write an encoder of ``ckpt`` as a timm ViT safetensors file (``img_size``: resample the
+    position embedding for that input size; default the pretraining size; ``branch``: "online"
+    or the momentum "target" encoder). A ConvViT checkpoint is an error: use ``export_encoder``."""
     state, cfg = load_pretraining_state(ckpt)
     if cfg.model.encoder in CONVVIT_SIZES:
         raise CheckpointError(
             f"{ckpt}: {cfg.model.encoder} is a hybrid ConvViT, not a timm VisionTransformer; "
             "export_encoder writes its own state dict"
         )
-    return _write_encoder(state, cfg, out, img_size)
+    return _write_encoder(state, cfg, out, img_size, branch, ckpt)
 
 
 def export_encoder(
-    ckpt: str | Path, out: str | Path, img_size: int | None = None
+    ckpt: str | Path, out: str | Path, img_size: int | None = None, branch: str = "online"
 ) -> tuple[Path, str]:
-    """``cmae export --format timm``: the online encoder of ``ckpt`` alone -> (path, format).
+    """``cmae export --format timm``: one encoder of ``ckpt`` alone -> (path, format).
+    ``branch``: "online" (the default, what fine-tuning uses) or "target", the momentum encoder
+    (its EMA'd final norm included), which some evaluate instead.
 
     A ViT becomes a timm ``VisionTransformer`` file (``FORMAT_TIMM``, see ``export_timm``). A
     ConvViT has no timm model: its own state dict and names are written (``FORMAT_CONVVIT``,
     loaded by ``cmae.api.load_encoder`` and ``cmae knn / linprobe / finetune``).
     """
     state, cfg = load_pretraining_state(ckpt)
-    out = _write_encoder(state, cfg, out, img_size)
+    out = _write_encoder(state, cfg, out, img_size, branch, ckpt)
     return out, encoder_format(cfg.model.encoder)
 
 
+BRANCHES = {"online": "encoder.", "target": "target_encoder."}
+
+
 def _write_encoder(
-    state: dict[str, Tensor], cfg: Config, out: str | Path, img_size: int | None
+    state: dict[str, Tensor],
+    cfg: Config,
+    out: str | Path,
+    img_size: int | None,
+    branch: str = "online",
+    source: str | Path = "checkpoint",
 ) -> Path:
     m = cfg.model
     size = img_size or m.img_size
     if size <= 0 or size % m.patch_size:
         raise ConfigError(f"--img-size: {size} must be a positive multiple of the patch size")
-    enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    if branch not in BRANCHES:
+        raise ConfigError(f"--branch: expected one of {sorted(BRANCHES)}, got {branch!r}")
+    prefix = BRANCHES[branch]
+    enc = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not enc:
+        raise CheckpointError(f"{source}: has no {branch} encoder (an MAE run has no target)")
     meta = {
         "format": encoder_format(m.encoder),
+        "branch": branch,
         "encoder": m.encoder,
         "img_size": str(size),
         "patch_size": str(m.patch_size),
