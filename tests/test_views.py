@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
 
 from cmae.views import (
     PixelShiftViews,
     SingleView,
+    crop_flip,
     eval_transform,
     normalize,
     target_color_transform,
@@ -98,4 +100,40 @@ def test_normalize():
 @pytest.mark.parametrize("max_shift", [0, 3])
 def test_master_crop_size(max_shift):
     views = PixelShiftViews(16, max_shift)
-    assert tuple(views.master.transforms[0].size) == (16 + max_shift, 16 + max_shift)
+    (crop,) = [t for t in views.master.transforms if hasattr(t, "size")]
+    assert tuple(crop.size) == (16 + max_shift, 16 + max_shift)
+
+
+def smooth_image(h: int = 375, w: int = 500, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth colour gradients plus mild noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    phase = torch.rand(3, generator=g) * 6.28
+    rgb = torch.stack([torch.sin(4 * xx + 3 * yy + p) for p in phase]) * 100 + 128
+    rgb = rgb + 4 * torch.randn(3, h, w, generator=g)
+    return Image.fromarray(rgb.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def test_crop_flip_tensor_resize_matches_pil():
+    """crop_flip resizes a uint8 tensor (fast); the same seed gives the same crop as a PIL-first
+    pipeline and pixels within one grey level of PIL's bicubic resize."""
+    pil_first = v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                48, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(0.5),
+            v2.PILToTensor(),
+        ]
+    )
+    fast = crop_flip(48, (0.2, 1.0), (3 / 4, 4 / 3), 0.5)
+    for seed in range(8):
+        img = smooth_image(seed=seed)
+        torch.manual_seed(seed)
+        a = fast(img)
+        torch.manual_seed(seed)
+        b = pil_first(img)
+        diff = (a.int() - b.int()).abs()
+        assert a.dtype == torch.uint8 and a.shape == b.shape == (3, 48, 48)
+        mean = diff.float().mean()
+        assert diff.max() <= 1 and mean < 0.05, (seed, diff.max(), mean)

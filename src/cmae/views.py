@@ -210,9 +210,15 @@ def _blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
 def crop_flip(
     size: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: float
 ) -> v2.Compose:
-    """RandomResizedCrop (bicubic) to ``size`` + horizontal flip -> uint8 tensor."""
+    """RandomResizedCrop (bicubic, antialiased) to ``size`` + horizontal flip -> uint8 tensor.
+
+    The image becomes a tensor first: torch's uint8 bicubic resize is ~4x faster than PIL's
+    on a large crop (benchmarks/bench_data.py), with the same random crop and output within one
+    grey level of PIL's.
+    """
     return v2.Compose(
         [
+            v2.PILToTensor(),
             v2.RandomResizedCrop(
                 size,
                 scale=scale,
@@ -221,7 +227,6 @@ def crop_flip(
                 antialias=True,
             ),
             v2.RandomHorizontalFlip(hflip),
-            v2.PILToTensor(),
         ]
     )
 
@@ -258,7 +263,7 @@ class PixelShiftViews:
         target = master[:, dy : dy + s, dx : dx + s]
         if self.target_color is not None:
             target = self.target_color(target)
-        return online.contiguous(), target.contiguous()
+        return online, target  # views of the master crop; batch collation copies them
 
 
 class SingleView:
@@ -283,9 +288,9 @@ def eval_transform(img_size: int, crop_pct: float = 1.0) -> v2.Compose:
     resize = int(img_size / crop_pct)
     return v2.Compose(
         [
+            v2.PILToTensor(),  # resize as a uint8 tensor, faster than PIL (see crop_flip)
             v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
-            v2.PILToTensor(),
         ]
     )
 
