@@ -7,9 +7,9 @@ encoder, the data and the feature cache, so the features are read from the cache
 again only if the cache is gone). One JSON line per run:
 
 - ``knn_raw`` / ``knn_centred`` / ``knn_standardised``: kNN top-1 (the run's k and T) on the
-  features as ``cmae knn`` uses them, after subtracting the bank mean, and after also dividing
-  by the bank's per-dimension std: if centring changes the ranking a lot, a shared offset
-  direction dominated the cosine similarities;
+  features as ``cmae knn`` uses them (float32, so ``knn_raw`` is its top-1), after subtracting
+  the bank mean, and after also dividing by the bank's per-dimension std: if centring changes
+  the ranking a lot, a shared offset direction dominated the cosine similarities;
 - ``mean_pair_cos``: mean cosine similarity between two different bank images (5,000 sampled):
   near 1 means every image maps to almost the same direction;
 - ``effective_rank``: exp(entropy) of the bank covariance's normalised eigenvalues, and
@@ -77,7 +77,6 @@ def main() -> None:
             setup.cache_dir,
             setup.key,
         )
-        bank, q = bank.double(), q.double()
         c, k, t = len(setup.classes), cfg.k, cfg.temperature
         mu, sd = bank.mean(dim=0), bank.std(dim=0).clamp(min=1e-8)
         rec = {
@@ -89,7 +88,7 @@ def main() -> None:
             "knn_raw": knn_top1(bank, bank_y, q, q_y, c, k, t),
             "knn_centred": knn_top1(bank - mu, bank_y, q - mu, q_y, c, k, t),
             "knn_standardised": knn_top1((bank - mu) / sd, bank_y, (q - mu) / sd, q_y, c, k, t),
-            **geometry(bank),
+            **geometry(bank.double()),
         }
         print(json.dumps(rec), flush=True)
 
