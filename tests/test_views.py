@@ -5,6 +5,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from cmae.views import (
+    TENSOR_RESIZE_MIN,
     PixelShiftViews,
     SingleView,
     crop_flip,
@@ -115,18 +116,21 @@ def smooth_image(h: int = 375, w: int = 500, seed: int = 0) -> Image.Image:
 
 
 def test_crop_flip_tensor_resize_matches_pil():
-    """crop_flip resizes a uint8 tensor (fast); the same seed gives the same crop as a PIL-first
-    pipeline and pixels within one grey level of PIL's bicubic resize."""
+    """Large crops are resized as uint8 tensors (fast); the same seed gives the same crop as the
+    PIL pipeline small crops use, and pixels within one grey level of PIL's bicubic resize."""
+    size = TENSOR_RESIZE_MIN + 8
     pil_first = v2.Compose(
         [
             v2.RandomResizedCrop(
-                48, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+                size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
             ),
             v2.RandomHorizontalFlip(0.5),
             v2.PILToTensor(),
         ]
     )
-    fast = crop_flip(48, (0.2, 1.0), (3 / 4, 4 / 3), 0.5)
+    fast = crop_flip(size, (0.2, 1.0), (3 / 4, 4 / 3), 0.5)
+    assert isinstance(fast.transforms[0], v2.PILToTensor)
+    assert isinstance(crop_flip(32, (0.2, 1.0), (3 / 4, 4 / 3), 0.5).transforms[-1], v2.PILToTensor)
     for seed in range(8):
         img = smooth_image(seed=seed)
         torch.manual_seed(seed)
@@ -134,6 +138,6 @@ def test_crop_flip_tensor_resize_matches_pil():
         torch.manual_seed(seed)
         b = pil_first(img)
         diff = (a.int() - b.int()).abs()
-        assert a.dtype == torch.uint8 and a.shape == b.shape == (3, 48, 48)
+        assert a.dtype == torch.uint8 and a.shape == b.shape == (3, size, size)
         mean = diff.float().mean()
         assert diff.max() <= 1 and mean < 0.05, (seed, diff.max(), mean)

@@ -207,28 +207,28 @@ def _blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
     return y.view(n, c, h, w)
 
 
+# From this output side up, crops are resized as uint8 tensors: torch's bicubic antialiased
+# resize is ~2.7x faster than PIL's on a 500x375 -> 256 crop (docs/PERFORMANCE.md); on small
+# images (CIFAR, 32 -> 40 px) PIL's is faster by ~0.1 ms, torch's per-call overhead.
+TENSOR_RESIZE_MIN = 64
+
+
+def _resize_first_or_last(resize: list[nn.Module], size: int) -> v2.Compose:
+    """``resize`` ops on the PIL image then PILToTensor, or PILToTensor first for large outputs
+    (same random parameters either way; pixels within one grey level)."""
+    if size >= TENSOR_RESIZE_MIN:
+        return v2.Compose([v2.PILToTensor(), *resize])
+    return v2.Compose([*resize, v2.PILToTensor()])
+
+
 def crop_flip(
     size: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: float
 ) -> v2.Compose:
-    """RandomResizedCrop (bicubic, antialiased) to ``size`` + horizontal flip -> uint8 tensor.
-
-    The image becomes a tensor first: torch's uint8 bicubic resize is ~4x faster than PIL's
-    on a large crop (benchmarks/bench_data.py), with the same random crop and output within one
-    grey level of PIL's.
-    """
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.RandomResizedCrop(
-                size,
-                scale=scale,
-                ratio=ratio,
-                interpolation=InterpolationMode.BICUBIC,
-                antialias=True,
-            ),
-            v2.RandomHorizontalFlip(hflip),
-        ]
+    """RandomResizedCrop (bicubic, antialiased) to ``size`` + horizontal flip -> uint8 tensor."""
+    crop = v2.RandomResizedCrop(
+        size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC, antialias=True
     )
+    return _resize_first_or_last([crop, v2.RandomHorizontalFlip(hflip)], size)
 
 
 class PixelShiftViews:
@@ -286,13 +286,11 @@ def eval_transform(img_size: int, crop_pct: float = 1.0) -> v2.Compose:
     """Deterministic view for evaluation: resize the short side to S / crop_pct, centre crop S
     (crop_pct 0.875 is the ImageNet protocol, 256 -> 224)."""
     resize = int(img_size / crop_pct)
-    return v2.Compose(
-        [
-            v2.PILToTensor(),  # resize as a uint8 tensor, faster than PIL (see crop_flip)
-            v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(img_size),
-        ]
-    )
+    ops = [
+        v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+    ]
+    return _resize_first_or_last(ops, img_size)
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
