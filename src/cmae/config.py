@@ -72,6 +72,10 @@ class DataConfig:
     # the target's colour ops on the training device, batched (views.DeviceTargetColor): the
     # data workers only decode and crop; same ops and parameter distributions
     target_aug_device: bool = False
+    # also the random resized crop's resize, flip and shift windows on the training device
+    # (views.CropBoxes / DeviceViews): the workers only decode and cut out the crop box. For
+    # GPUs starved by the CPU; on the CPU it moves work from the workers to the main process
+    resize_device: bool = False
     color_jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
@@ -431,6 +435,11 @@ def validate(cfg: Config) -> None:
     for key in ("keep_last", "max_bad_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
+    if d.resize_device and m.method == "cmae" and d.target_color_aug and not d.target_aug_device:
+        raise ConfigError(
+            "data.resize_device: the target's colour ops come after the resize, so they must "
+            "run on the device too: set data.target_aug_device=true (or data.resize_device=false)"
+        )
     if not 0.0 <= d.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
     if t.min_lr < 0:

@@ -48,9 +48,12 @@ from cmae.plot import write_summary
 from cmae.resume import find_resume, restore_training, set_deterministic, training_state
 from cmae.sampling import BadImages, EpochSampler, SeededSamples
 from cmae.views import (
+    CropBoxes,
     DeviceTargetColor,
+    DeviceViews,
     PixelShiftViews,
     SingleView,
+    collate_boxes,
     eval_transform,
     normalize,
     target_color_transform,
@@ -79,8 +82,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_views(cfg: Config):
+def build_views(cfg: Config, workers_part: bool = False):
+    """The training views; ``workers_part``: what the data workers compute of them (all of
+    it, or under ``data.resize_device`` the crop boxes that ``build_device_views`` finishes)."""
     m, d = cfg.model, cfg.data
+    if workers_part and d.resize_device:
+        shift = d.max_shift if m.method == "cmae" else 0
+        return CropBoxes(m.img_size, shift, d.crop_scale, d.crop_ratio, d.hflip)
     if m.method == "mae":
         return SingleView(m.img_size, d.crop_scale, d.crop_ratio, d.hflip)
     color = target_color_transform(
@@ -120,16 +128,31 @@ def build_device_color(cfg: Config) -> DeviceTargetColor | None:
     )
 
 
+def build_device_views(cfg: Config) -> DeviceViews | None:
+    """The views' resize on the training device (``data.resize_device``), else None."""
+    m, d = cfg.model, cfg.data
+    if not d.resize_device:
+        return None
+    cmae = m.method == "cmae"
+    return DeviceViews(m.img_size, d.max_shift if cmae else 0, two_views=cmae)
+
+
 def to_device(
     views: list[torch.Tensor],
     device: torch.device,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     target_color: DeviceTargetColor | None = None,
+    device_views: DeviceViews | None = None,
 ) -> list[torch.Tensor]:
     """uint8 views from the loader -> normalised float32 on ``device`` (4x less to copy than
-    float); ``target_color`` first colour-augments the target view (views[1]) there."""
-    views = [v.to(device, non_blocking=True) for v in views]
+    float); ``target_color`` first colour-augments the target view (views[1]) there. With
+    ``device_views`` the loader's ``views`` are ``CropBoxes``' (boxes, params), made into
+    views on ``device`` first."""
+    if device_views is not None:
+        views = device_views(*views, device)
+    else:
+        views = [v.to(device, non_blocking=True) for v in views]
     if target_color is not None:
         views[1] = target_color(views[1])
     return [normalize(v, mean, std) for v in views]
@@ -231,7 +254,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     }
     train_set, bank_set, query_set = build_datasets(
         d.path,
-        build_views(cfg),
+        build_views(cfg, workers_part=True),
         eval_transform(cfg.model.img_size),
         synthetic,
         d.knn_bank,
@@ -245,6 +268,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
         )
     contrastive = cfg.model.method == "cmae"
     device_color = build_device_color(cfg)  # None: the data workers do the colour ops
+    device_views = build_device_views(cfg)  # None: the data workers resize the crops
     sampler = EpochSampler(build_sampler(train_set, t.seed))  # (epoch, index); can skip ahead
     samples = SeededSamples(train_set, t.seed)  # seeds each sample's views, replaces bad ones
     loader = DataLoader(
@@ -257,6 +281,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
         persistent_workers=d.num_workers > 0,
         generator=torch.Generator().manual_seed(t.seed + rank()),  # worker seeds, per rank
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate_boxes if device_views is not None else None,
     )
 
     model = build_model(cfg.model).to(device)
@@ -287,7 +312,14 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     if t.knn_every and bank_set is None and is_main():
         print("train.knn_every: the data has no labelled held-out split, kNN monitor off")
     visuals = RunVisuals(
-        out_dir, t.tensorboard and is_main(), t.vis_every, samples, d.mean, d.std, t.seed
+        out_dir,
+        t.tensorboard and is_main(),
+        t.vis_every,
+        samples,
+        d.mean,
+        d.std,
+        t.seed,
+        device_views,
     )
     # resume: model, optimizer, scaler, step (-> schedules, sampler position), RNG states
     step, bad_counts = 0, (0, 0)
@@ -342,7 +374,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
             bad_images.new_epoch()
         for views, _, bad in loader:
             bad_images.add(bad, d.path or "the built-in data")
-            views = to_device(views, device, d.mean, d.std, device_color)
+            views = to_device(views, device, d.mean, d.std, device_color, device_views)
             lr = cosine_lr(step, total_steps, warmup_steps, base_lr, t.min_lr)
             momentum = momentum_at(step, total_steps, t.momentum, t.momentum_end)
             out = train_one_step(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode, v2
 
 
@@ -213,11 +214,18 @@ def _blur(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:
 TENSOR_RESIZE_MIN = 64
 
 
+class TensorFirst(v2.Compose):
+    """PILToTensor, then ops on the uint8 tensor. Takes a PIL image or an already decoded uint8
+    [3, H, W] tensor: ``takes_tensor`` tells ``data.ImageFiles`` to skip the PIL image."""
+
+    takes_tensor = True
+
+
 def _resize_first_or_last(resize: list[nn.Module], size: int) -> v2.Compose:
     """``resize`` ops on the PIL image then PILToTensor, or PILToTensor first for large outputs
     (same random parameters either way; pixels within one grey level)."""
     if size >= TENSOR_RESIZE_MIN:
-        return v2.Compose([v2.PILToTensor(), *resize])
+        return TensorFirst([v2.PILToTensor(), *resize])
     return v2.Compose([*resize, v2.PILToTensor()])
 
 
@@ -251,8 +259,9 @@ class PixelShiftViews:
         self.max_shift = max_shift
         self.master = crop_flip(img_size + max_shift, scale, ratio, hflip)
         self.target_color = target_color
+        self.takes_tensor = getattr(self.master, "takes_tensor", False)
 
-    def __call__(self, img: Image.Image) -> tuple[Tensor, Tensor]:
+    def __call__(self, img: Image.Image | Tensor) -> tuple[Tensor, Tensor]:
         master = self.master(img)  # uint8 [3, S+s, S+s]
         s = self.img_size
         if self.max_shift > 0:
@@ -277,9 +286,96 @@ class SingleView:
         hflip: float = 0.5,
     ) -> None:
         self.transform = crop_flip(img_size, scale, ratio, hflip)
+        self.takes_tensor = getattr(self.transform, "takes_tensor", False)
 
-    def __call__(self, img: Image.Image) -> tuple[Tensor]:
+    def __call__(self, img: Image.Image | Tensor) -> tuple[Tensor]:
         return (self.transform(img),)
+
+
+class CropBoxes:
+    """The data workers' part of the views under ``data.resize_device``: draw the random
+    resized crop's box, the flip and the shift exactly as ``PixelShiftViews`` / ``SingleView``
+    draw them (``max_shift=0``: MAE) and cut the box out of the decoded image; ``collate_boxes``
+    packs a batch of boxes into one buffer and ``DeviceViews`` resizes, flips and windows them
+    on the training device. A worker's work per image is then the JPEG decode and one copy.
+
+    Returns (box uint8 [3, h, w], a window of the image; int64 [3] (flip, dy, dx)).
+    """
+
+    takes_tensor = True
+
+    def __init__(
+        self,
+        img_size: int,
+        max_shift: int,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+    ) -> None:
+        self.max_shift, self.hflip = max_shift, hflip
+        # only its parameter draws are used; the resize is DeviceViews'
+        self.crop = v2.RandomResizedCrop(img_size + max_shift, scale=scale, ratio=ratio)
+
+    def __call__(self, img: Image.Image | Tensor) -> tuple[Tensor, Tensor]:
+        x = img if isinstance(img, Tensor) else v2.functional.pil_to_tensor(img)
+        box = self.crop.make_params([x])  # top, left, height, width: RandomResizedCrop's draws
+        # RandomHorizontalFlip's draw (it flips when rand < p), then PixelShiftViews' shift
+        flip = int(torch.rand(1).item() < self.hflip) if self.hflip > 0 else 0
+        dy, dx = torch.randint(0, self.max_shift, (2,)).tolist() if self.max_shift > 0 else (0, 0)
+        top, left, h, w = box["top"], box["left"], box["height"], box["width"]
+        return x[:, top : top + h, left : left + w], torch.tensor([flip, dy, dx])
+
+
+def collate_boxes(batch: list[tuple]) -> tuple:
+    """``default_collate`` for samples whose first item is ``CropBoxes``' (box, params): the
+    boxes (all sizes) are packed, each as height x width x channels, into one uint8 buffer,
+    so a batch crosses from a worker and to the device as one tensor; the first item becomes
+    (buffer, sizes [N, 2], params [N, 3])."""
+    boxes = [sample[0][0] for sample in batch]
+    sizes = torch.tensor([b.shape[1:] for b in boxes], dtype=torch.int64)
+    buffer = torch.empty(int(sizes.prod(1).sum()) * 3, dtype=torch.uint8)
+    start = 0
+    for b in boxes:
+        n = b.numel()
+        buffer[start : start + n].view(b.shape[1], b.shape[2], 3).copy_(b.permute(1, 2, 0))
+        start += n
+    params, *rest = default_collate([(sample[0][1], *sample[1:]) for sample in batch])
+    return ((buffer, sizes, params), *rest)
+
+
+class DeviceViews:
+    """``collate_boxes``' (buffer, sizes, params) -> the uint8 views [N, 3, S, S] on ``device``:
+    each box resized to S + s (bicubic, antialiased, as RandomResizedCrop), flipped, then the
+    online window at (0, 0) and, with ``two_views``, the target window at (dy, dx).
+
+    On the CPU the result equals the workers' own views bit for bit (the same resize kernel);
+    on a GPU torchvision resizes uint8 through float32, within one grey level.
+    """
+
+    def __init__(self, img_size: int, max_shift: int, two_views: bool) -> None:
+        self.img_size, self.side, self.two_views = img_size, img_size + max_shift, two_views
+
+    def __call__(
+        self, buffer: Tensor, sizes: Tensor, params: Tensor, device: torch.device
+    ) -> list[Tensor]:
+        n, s = len(sizes), self.img_size
+        buffer = buffer.to(device, non_blocking=True)  # one copy for the whole batch
+        views = [torch.empty(n, 3, s, s, dtype=torch.uint8, device=device)]
+        if self.two_views:
+            views.append(torch.empty_like(views[0]))
+        start = 0
+        boxes = zip(sizes.tolist(), params.tolist(), strict=True)
+        for k, ((h, w), (flip, dy, dx)) in enumerate(boxes):
+            box = buffer[start : start + h * w * 3].view(h, w, 3).permute(2, 0, 1)
+            start += h * w * 3
+            m = v2.functional.resize(
+                box, [self.side, self.side], interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
+            m = m.flip(-1) if flip else m
+            views[0][k] = m[:, :s, :s]
+            if self.two_views:
+                views[1][k] = m[:, dy : dy + s, dx : dx + s]
+        return views
 
 
 def eval_transform(img_size: int, crop_pct: float = 1.0) -> v2.Compose:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from cmae.data import DataError, list_images
 from cmae.model import CMAE, patchify, random_masking, unpatchify
 from cmae.plot import MissingDependencyError
-from cmae.views import normalize
+from cmae.views import DeviceViews, collate_boxes, normalize
 
 # original | masked input | reconstruction | reconstruction with the visible patches pasted back
 # | pixel-shifted target view (short: the labels must fit a 48 px tile)
@@ -130,12 +130,20 @@ def reconstruction_grid(
     return render_grid(reconstruction_rows(model, views, mean, std, seed), COLUMNS, tile)
 
 
-def fixed_views(dataset: Dataset, n: int, seed: int) -> list[tuple[Tensor, ...]]:
+def fixed_views(
+    dataset: Dataset, n: int, seed: int, device_views: DeviceViews | None = None
+) -> list[tuple[Tensor, ...]]:
     """The views of the first ``n`` samples, drawn under ``seed`` without touching the global
-    RNG streams of the run (the views' randomness uses torch's generator)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return [tuple(dataset[i][0]) for i in range(min(n, len(dataset)))]
+    RNG streams of the run (the views' randomness uses torch's generator). ``device_views``
+    finishes samples that are ``CropBoxes``' (box, params) (``data.resize_device``), here on
+    the CPU."""
+    with torch.random.fork_rng(devices=[]):  # restores the CPU generator, the one seeded:
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed the GPU's
+        items = [dataset[i][0] for i in range(min(n, len(dataset)))]
+    if device_views is not None:
+        cpu = torch.device("cpu")
+        items = [[v[0] for v in device_views(*collate_boxes([(x,)])[0], cpu)] for x in items]
+    return [tuple(item) for item in items]
 
 
 def image_paths(items: Sequence[str | Path]) -> list[Path]:
@@ -177,7 +185,7 @@ def visualize_files(
     view_cfg.data.hflip = 0.0
     make_views = build_views(view_cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         views = []
         for path in image_paths(images)[:max_images]:
             try:
@@ -209,11 +217,12 @@ class RunVisuals:
         mean: Sequence[float],
         std: Sequence[float],
         seed: int = 0,
+        device_views: DeviceViews | None = None,
     ) -> None:
         self.out_dir, self.vis_every = Path(out_dir), vis_every
         self.mean, self.std, self.seed = mean, std, seed
         self.writer = _summary_writer(self.out_dir / "tensorboard") if tensorboard else None
-        self.views = fixed_views(dataset, 8, seed)
+        self.views = fixed_views(dataset, 8, seed, device_views)
         self.last_png: Path | None = None
         self._drawn_step = -1
 
