@@ -1,6 +1,7 @@
 """data.resize_device: the workers cut out crop boxes (CropBoxes), the training device resizes,
 flips and windows them (DeviceViews). On the CPU that equals the workers' own views bit for
-bit, and a whole run gives the same losses with and without it."""
+bit, and a whole run gives the same losses with and without it. And the data code's seeding
+leaves the device generators alone."""
 
 import json
 
@@ -9,8 +10,11 @@ import pytest
 import torch
 
 from cmae.config import ConfigError, load_config
+from cmae.data import SyntheticShapes
 from cmae.pretrain import build_device_views, build_views, run
+from cmae.sampling import SeededSamples
 from cmae.views import CropBoxes, DeviceViews, PixelShiftViews, SingleView, collate_boxes
+from cmae.visualize import fixed_views
 from tests.conftest import tiny_overrides
 
 CPU = torch.device("cpu")
@@ -92,3 +96,16 @@ def test_pretrain_losses_equal_with_the_resize_on_the_device(tmp_path):
         losses[on] = [(r["loss"], r["loss_pixel"], r["loss_contrast"]) for r in log if "loss" in r]
         assert len(list(out.glob("recon_step*.png"))) == 1  # the reconstruction grid was drawn
     assert len(losses[True]) == 3 and losses[True] == losses[False]
+
+
+def test_data_and_grid_seeding_leave_the_gpu_generators_alone(monkeypatch):
+    """Per-sample seeding and the reconstruction grid seed only the CPU generator: reseeding
+    the CUDA one (torch.manual_seed) would give every rank of a GPU run the same masks."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    data = SyntheticShapes(4, 16, transform=PixelShiftViews(16, 4))
+    fixed_views(data, 2, seed=3)
+    SeededSamples(data, seed=0)[(1, 2)]
+    assert calls == []
+    torch.manual_seed(0)  # the patch does see torch.manual_seed
+    assert calls == [0]
