@@ -29,13 +29,14 @@ def photo(h: int = 150, w: int = 200, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("method", ["cmae", "mae"])
-def test_device_views_equal_the_workers_views(method):
+@pytest.mark.parametrize("method,hflip", [("cmae", 0.5), ("mae", 0.5), ("cmae", 0.0)])
+def test_device_views_equal_the_workers_views(method, hflip):
     size, shift = 72, 12
     if method == "cmae":
-        full, boxes, two = PixelShiftViews(size, shift), CropBoxes(size, shift), True
+        full, boxes = PixelShiftViews(size, shift, hflip=hflip), CropBoxes(size, shift, hflip=hflip)
+        two = True
     else:
-        full, boxes, two = SingleView(size), CropBoxes(size, 0), False
+        full, boxes, two = SingleView(size, hflip=hflip), CropBoxes(size, 0, hflip=hflip), False
     finish = DeviceViews(size, shift if two else 0, two_views=two)
     batch, expected = [], []
     for seed in range(12):
@@ -52,7 +53,7 @@ def test_device_views_equal_the_workers_views(method):
     for i, exp in enumerate(expected):
         for v, e in zip(views, exp, strict=True):
             assert torch.equal(v[i], e), i
-    assert params[:, 0].unique().numel() == 2  # both flips occurred
+    assert params[:, 0].unique().numel() == (2 if hflip == 0.5 else 1)  # flips as drawn
     if two:
         assert (params[:, 1:] > 0).any() and (params[:, 1:] < shift).all()
 

@@ -147,8 +147,8 @@ def to_device(
 ) -> list[torch.Tensor]:
     """uint8 views from the loader -> normalised float32 on ``device`` (4x less to copy than
     float); ``target_color`` first colour-augments the target view (views[1]) there. With
-    ``device_views`` the loader's ``views`` are ``CropBoxes``' (boxes, params), made into
-    views on ``device`` first."""
+    ``device_views`` the loader's ``views`` are ``collate_boxes``' (buffer, sizes, params),
+    made into views on ``device`` first."""
     if device_views is not None:
         views = device_views(*views, device)
     else:

@@ -319,8 +319,8 @@ class CropBoxes:
     def __call__(self, img: Image.Image | Tensor) -> tuple[Tensor, Tensor]:
         x = img if isinstance(img, Tensor) else v2.functional.pil_to_tensor(img)
         box = self.crop.make_params([x])  # top, left, height, width: RandomResizedCrop's draws
-        # RandomHorizontalFlip's draw (it flips when rand < p), then PixelShiftViews' shift
-        flip = int(torch.rand(1).item() < self.hflip) if self.hflip > 0 else 0
+        # RandomHorizontalFlip's draw (made for any p; it flips when rand < p), then the shift
+        flip = int(torch.rand(1).item() < self.hflip)
         dy, dx = torch.randint(0, self.max_shift, (2,)).tolist() if self.max_shift > 0 else (0, 0)
         top, left, h, w = box["top"], box["left"], box["height"], box["width"]
         return x[:, top : top + h, left : left + w], torch.tensor([flip, dy, dx])
