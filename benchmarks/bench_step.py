@@ -20,7 +20,8 @@ config compares the CMAE/MAE step-time ratio with their FLOP ratio. For the refe
 
 Toggles to measure one optimisation against its absence in the same run: ``--optimizer``
 (AdamW implementation: fused, as ``cmae pretrain`` uses, foreach or the per-parameter loop),
-``--compile``. Older code: run this script with ``PYTHONPATH=<checkout>/src``.
+``--compile``, ``--malloc default`` (glibc's own allocation policy instead of
+``keep_freed_memory``). Older code: run this script with ``PYTHONPATH=<checkout>/src``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cmae.config import load_config
 from cmae.model import build_model
 from cmae.optim import param_groups
-from cmae.pretrain import train_one_step
+from cmae.pretrain import keep_freed_memory, train_one_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -205,6 +206,7 @@ def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dic
         "dtype": args.dtype,
         "compile": args.compile,
         "optimizer": args.optimizer,
+        "malloc": args.malloc,
         "threads": torch.get_num_threads(),
         "step_ms": round(ms, 2),
         "step_ms_min": round(min(times) * 1e3, 2),
@@ -234,7 +236,7 @@ def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dic
 def child_args(args: argparse.Namespace, preset: str, method: str, batch: int) -> list[str]:
     out = [sys.executable, __file__, "--one", preset, method, str(batch)]
     out += ["--device", args.device, "--dtype", args.dtype, "--optimizer", args.optimizer]
-    out += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    out += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--malloc", args.malloc]
     if args.threads:
         out += ["--threads", str(args.threads)]
     if args.compile:
@@ -255,6 +257,12 @@ def main() -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: cmae.pretrain.keep_freed_memory() as cmae pretrain does; default: glibc's",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
@@ -263,6 +271,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:  # a single measurement, in this (child) process
+        if args.malloc == "keep":
+            keep_freed_memory()
         preset, method, batch = args.one
         print(json.dumps(bench(args, preset, method, int(batch))), flush=True)
         return

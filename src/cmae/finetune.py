@@ -29,7 +29,7 @@ from cmae.data import labelled_splits, loader_workers
 from cmae.encoders import build_classifier, load_encoder_weights
 from cmae.knn import eval_normalization, topk_accuracy, write_results
 from cmae.optim import cosine_lr
-from cmae.pretrain import resolve_device, seed_everything
+from cmae.pretrain import keep_freed_memory, resolve_device, seed_everything
 from cmae.views import eval_transform, normalize
 
 BETAS = (0.9, 0.999)
@@ -185,6 +185,7 @@ def evaluate(
 def run(cfg: FinetuneConfig) -> dict:
     d, out_dir = cfg.data, Path(cfg.out)
     device = resolve_device(cfg.device)
+    keep_freed_memory()  # as pretraining: no page faults for each step's activations
     seed_everything(cfg.seed)
     weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
     mean, std = eval_normalization(d.mean, d.std, weights)
