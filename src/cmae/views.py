@@ -348,8 +348,9 @@ class DeviceViews:
     each box resized to S + s (bicubic, antialiased, as RandomResizedCrop), flipped, then the
     online window at (0, 0) and, with ``two_views``, the target window at (dy, dx).
 
-    On the CPU the result equals the workers' own views bit for bit (the same resize kernel);
-    on a GPU torchvision resizes uint8 through float32, within one grey level.
+    On the CPU, for views of TENSOR_RESIZE_MIN px and more, the result equals the workers' own
+    views bit for bit (the same resize kernel); smaller views (which the workers resize with
+    PIL) and GPUs (torchvision resizes uint8 through float32 there) are within one grey level.
     """
 
     def __init__(self, img_size: int, max_shift: int, two_views: bool) -> None:
