@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,41 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     # torch's zip reader appends a paragraph of advice after its first sentence
     return text.splitlines()[0].split(". This is an internal")[0] if text else type(e).__name__
+
+
+def check_weights(
+    path: str | Path,
+    found: Mapping[str, Any],
+    expected: Mapping[str, torch.Tensor],
+    what: str,
+    ignore_missing: Collection[str] = (),
+    ignore_unexpected: Collection[str] = (),
+) -> None:
+    """Before ``load_state_dict``: a one-line ``CheckpointError`` naming ``path``, the first
+    key that is missing, unexpected or of the wrong shape (expected vs found) for ``what``
+    (e.g. "a vit_tiny encoder"), and how many more there are; torch's own error lists them all
+    over many lines."""
+    problems = []
+    for key, ref in expected.items():
+        if key not in found:
+            if key not in ignore_missing:
+                problems.append(f"{key} is missing ({what} needs [{_shape(ref)}])")
+        elif not isinstance(found[key], torch.Tensor):
+            problems.append(f"{key} is a {type(found[key]).__name__}, not a tensor")
+        elif found[key].shape != ref.shape:
+            problems.append(f"{key} has shape [{_shape(found[key])}], {what} needs [{_shape(ref)}]")
+    problems += [
+        f"unexpected {key} ({what} has no such weight)"
+        for key in found
+        if key not in expected and key not in ignore_unexpected
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path}: {problems[0]}{more}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return ", ".join(map(str, t.shape))
 
 
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

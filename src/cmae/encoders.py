@@ -23,10 +23,10 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cmae.checkpoint import CheckpointError, load_checkpoint
+from cmae.checkpoint import CheckpointError, check_weights, load_checkpoint
 from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
 from cmae.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
-from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder
+from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder, make_encoder
 
 
 class EncoderWeights(NamedTuple):
@@ -66,19 +66,37 @@ def load_encoder_weights(checkpoint: str, preset: str = "quick", seed: int = 0) 
         merge(model_cfg, ckpt["config"]["model"], prefix="model.")
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from e
+    if model_cfg.encoder not in ENCODER_SIZES and model_cfg.encoder not in CONVVIT_SIZES:
+        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES])
+        raise CheckpointError(
+            f"{path}: its config names an unknown encoder {model_cfg.encoder!r} (known: {known})"
+        )
     prefix = "encoder."
     state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     data = ckpt["config"].get("data", {})
     mean, std = data.get("mean"), data.get("std")
-    return EncoderWeights(
-        state,
-        model_cfg.encoder,
-        model_cfg.img_size,
-        model_cfg.patch_size,
-        tuple(mean) if mean is not None else None,
-        tuple(std) if std is not None else None,
-        source,
+    return _checked(
+        path,
+        EncoderWeights(
+            state,
+            model_cfg.encoder,
+            model_cfg.img_size,
+            model_cfg.patch_size,
+            tuple(mean) if mean is not None else None,
+            tuple(std) if std is not None else None,
+            source,
+        ),
     )
+
+
+def _checked(path: Path, weights: EncoderWeights) -> EncoderWeights:
+    """``weights`` if every tensor is there with the shape its encoder needs, else a one-line
+    CheckpointError naming the file, key and shapes."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = make_encoder(weights.encoder, weights.img_size, weights.patch_size)
+    what = f"a {weights.encoder} encoder ({weights.img_size} px, patch {weights.patch_size})"
+    check_weights(path, weights.state, expected.state_dict(), what)
+    return weights
 
 
 def _from_safetensors(path: Path, source: str) -> EncoderWeights:
@@ -103,35 +121,50 @@ def _from_safetensors(path: Path, source: str) -> EncoderWeights:
             img_size, patch = int(sizes["img_size"]), int(sizes["patch_size"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: ConvViT weights without img_size / patch_size") from e
-        return EncoderWeights(
-            state,
-            name or meta["encoder"],
-            img_size,
-            patch,
-            tuple(mean) if mean else None,
-            tuple(std) if std else None,
-            source,
+        return _checked(
+            path,
+            EncoderWeights(
+                state,
+                name or meta["encoder"],
+                img_size,
+                patch,
+                tuple(mean) if mean else None,
+                tuple(std) if std else None,
+                source,
+            ),
         )
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+    missing = [k for k in ("cls_token", "patch_embed.proj.weight", "pos_embed") if k not in state]
+    if len(missing) == 3:
         raise CheckpointError(f"{path}: not a ViT encoder with timm key names")
+    if missing:
+        raise CheckpointError(f"{path}: {missing[0]} is missing (a ViT encoder needs it)")
     # the shapes fix width, depth, patch and grid; the metadata names the size (for the heads)
     dim = state["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     patch = state["patch_embed.proj.weight"].shape[-1]
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    pos = state["pos_embed"].shape
+    grid = math.isqrt(pos[1] - 1) if len(pos) == 3 and pos[1] > 1 else 0
+    if grid * grid + 1 != (pos[1] if len(pos) == 3 else -1):
+        raise CheckpointError(
+            f"{path}: pos_embed has shape [{', '.join(map(str, pos))}], not [1, 1 + g*g, "
+            f"{dim}] of a square g x g patch grid"
+        )
     name = name or meta.get("encoder")
     if name is None:
         name = next((n for n, (d, L, _) in ENCODER_SIZES.items() if (d, L) == (dim, depth)), None)
     if name not in ENCODER_SIZES or ENCODER_SIZES[name][:2] != (dim, depth):
         raise CheckpointError(f"{path}: width {dim}, depth {depth} match no known encoder size")
-    return EncoderWeights(
-        state,
-        name,
-        grid * patch,
-        patch,
-        tuple(mean) if mean else None,
-        tuple(std) if std else None,
-        source,
+    return _checked(
+        path,
+        EncoderWeights(
+            state,
+            name,
+            grid * patch,
+            patch,
+            tuple(mean) if mean else None,
+            tuple(std) if std else None,
+            source,
+        ),
     )
 
 

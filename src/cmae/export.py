@@ -38,7 +38,13 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from cmae.checkpoint import CheckpointError, _atomic_write, load_checkpoint, save_checkpoint
+from cmae.checkpoint import (
+    CheckpointError,
+    _atomic_write,
+    check_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cmae.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
 from cmae.convvit import CONVVIT_SIZES
 from cmae.model import CMAE, ENCODER_SIZES, build_model, sincos_pos_embed
@@ -74,9 +80,13 @@ def load_pretraining_state(path: str | Path) -> tuple[dict[str, Tensor], Config]
             raise CheckpointError(f"{path}: not a cmae checkpoint (needs 'model' and 'config')")
         state, config = ckpt["model"], ckpt["config"]
     try:
-        return state, from_dict(config)
+        cfg = from_dict(config)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config is invalid: {e}") from e
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = build_model(cfg.model).state_dict()
+    check_weights(path, state, expected, f"the {cfg.model.encoder} model its config describes")
+    return state, cfg
 
 
 def load_model(path: str | Path) -> tuple[CMAE, Config]:
