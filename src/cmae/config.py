@@ -8,6 +8,8 @@ Unknown keys and values of the wrong type are errors that name the offending key
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +169,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 return _check_value(key, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: X's own message says more ("must be finite")
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(tp)
@@ -187,14 +191,21 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+            value = float(value)  # YAML 1.1 reads 1e6 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # an inf lr makes NaN weights in the first step
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _type_name(tp: Any) -> str:
@@ -280,7 +291,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -290,6 +301,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
         return data
     base = load_yaml(preset_path(extends))
     return _deep_update(base, data)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: what' (PyYAML's own text spans lines and names '<unicode string>')."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
@@ -313,8 +332,9 @@ def load_config(preset: str | None = "tiny", overrides: list[str] | None = None)
 def apply_layers(cfg: Any, path: Path | None, overrides: list[str] | None) -> None:
     """Merge a YAML file (errors prefixed with its path), then dotted overrides, into ``cfg``."""
     if path is not None:
+        data = load_yaml(path)  # its errors name the file
         try:
-            merge(cfg, load_yaml(path))
+            merge(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
     if overrides:
