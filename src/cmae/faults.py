@@ -14,6 +14,7 @@ saves a checkpoint and raises ``Preempted``, which ``cmae pretrain`` turns into 
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,15 @@ def grads_finite(params: Iterable[nn.Parameter]) -> Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(grads))
 
 
+def weights_finite(params: Iterable[nn.Parameter]) -> Tensor:
+    """0-dim bool on the device: are all ``params`` finite? (one fused max-norm, no host sync;
+    the max, unlike the 2-norm, cannot overflow for finite values)"""
+    params = list(params)
+    if not params:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf))
+
+
 def step_unless_bad(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
     """``optimizer.step()`` unless ``ok`` is False: a skipped step leaves the parameters and the
     optimizer state (moments, step count) as they were.
@@ -90,19 +100,34 @@ class BadSteps:
     def __init__(self, device: torch.device) -> None:
         zero = torch.zeros((), dtype=torch.long, device=device)
         self.run, self.worst, self.total = zero.clone(), zero.clone(), zero.clone()
+        self.weights_ok = torch.ones((), dtype=torch.bool, device=device)
         self.reported = 0
 
-    def update(self, ok: Tensor) -> None:
+    def update(self, ok: Tensor, weights_ok: Tensor | None = None) -> None:
+        """``ok``: the step was good; ``weights_ok``: the weights are finite after it."""
         bad = (~ok).long()
         self.run = (self.run + 1) * bad  # reset to 0 by a good step
         self.worst = torch.maximum(self.worst, self.run)
         self.total += bad
+        if weights_ok is not None:
+            self.weights_ok &= weights_ok
 
     def check(self, max_bad: int, step: int) -> int:
-        """Raise NonFiniteError after ``max_bad`` consecutive bad steps; else return the number
-        of steps skipped since the last check (and warn about them)."""
-        worst, total = torch.stack([self.worst, self.total]).tolist()
+        """Raise NonFiniteError after ``max_bad`` consecutive bad steps, or once the weights
+        are non-finite; else return the number of steps skipped since the last check (and warn
+        about them)."""
+        worst, total, weights_ok = torch.stack(
+            [self.worst, self.total, self.weights_ok.long()]
+        ).tolist()
         self.worst = self.run.clone()  # a run still open at this check goes on counting
+        if not weights_ok:
+            # finite gradients, non-finite result: no later step can repair the weights
+            raise NonFiniteError(
+                f"the weights became non-finite in a step up to step {step} although its loss "
+                "and gradients were finite (an lr or weight decay too large for them); nothing "
+                "non-finite was saved. Lower train.lr / train.weight_decay and resume from the "
+                "last checkpoint."
+            )
         if worst >= max_bad:
             raise NonFiniteError(
                 f"{worst} consecutive steps (checked at step {step}) had a non-finite loss or "

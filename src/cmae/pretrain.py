@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import random
 import sys
 import time
@@ -40,6 +41,7 @@ from cmae.faults import (
     keep_buffers_unless,
     poison_nonfinite,
     step_unless_bad,
+    weights_finite,
 )
 from cmae.knn import knn_eval
 from cmae.losses import gather_keys
@@ -200,6 +202,8 @@ def train_one_step(
     update, no EMA, BatchNorm statistics kept; ``bad_steps`` counts it (cmae.faults).
     """
     wrapped = model if wrapped is None else wrapped
+    if not (math.isfinite(lr) and math.isfinite(momentum)):  # host floats: free to check
+        raise ConfigError(f"non-finite lr {lr} or EMA momentum {momentum} (check train.*)")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -235,7 +239,10 @@ def train_one_step(
     model.update_target(torch.where(ok, momentum, 1.0))
     keep_buffers_unless(buffers, before, ok)
     if bad_steps is not None:
-        bad_steps.update(ok)
+        # finite gradients can still give non-finite weights (an lr too large for them); no
+        # later step repairs them, so the run stops at the next check (one fused norm, no sync)
+        weights_ok = weights_finite(p for p in model.parameters() if p.requires_grad)
+        bad_steps.update(ok & weights_ok, weights_ok)
     if len(outs) == 1:
         return outs[0]
     fields = list(zip(*outs, strict=True))  # the losses are averaged, the tensors concatenated
