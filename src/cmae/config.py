@@ -110,6 +110,9 @@ class TrainConfig:
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    # "reference": the official CMAE exemptions (biases, LayerNorms, tokens, pos-embeds; BN
+    # weights decayed); "1d": every 1-D parameter exempt (MAE's rule, cmae before 2026-11-30)
+    wd_exempt: str = "reference"
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.996
     momentum_end: float = 0.996  # != momentum: cosine ramp from momentum to momentum_end
@@ -446,6 +449,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr: must be >= 0, got {t.min_lr}")
     if t.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.wd_exempt not in ("reference", "1d"):
+        raise ConfigError(f"train.wd_exempt: expected 'reference' or '1d', got {t.wd_exempt!r}")
     if not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas: each must be in [0, 1), got {t.betas}")
     for key in ("pixel_weight", "contrast_weight"):

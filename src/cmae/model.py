@@ -46,7 +46,11 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     """Fixed 2-D sin-cos position embedding, [grid*grid (+1), dim]; the cls position is zeros.
 
-    Same layout as MAE: the first half of the channels encodes the column, the second the row.
+    Same layout as MAE: the first half of the channels encodes the column (x), the second the
+    row (y), each half [sin, cos] over dim / 4 frequencies. The official CMAE code (mmselfsup's
+    ``build_2d_sincos_position_embedding``) puts the halves the other way round (row first);
+    otherwise equal. Imported official weights keep theirs: the embeddings are state-dict
+    entries, copied as they are (``cmae.export.load_official``), never recomputed.
     """
     assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -220,11 +224,17 @@ class Decoder(nn.Module):
         return {"pos_embed", "mask_token"}
 
 
+HEAD_BN_EPS = 1e-6  # the official CMAE neck's BatchNorm1d eps (PyTorch's default is 1e-5)
+
+
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Projector / predictor: Linear -> BN -> ReLU -> Linear (no bias, no last BN)."""
+    """Projector / predictor: Linear -> BN -> ReLU -> Linear (no bias, no last BN), as the
+    official CMAE neck: BN eps 1e-6, Linear layers keep PyTorch's default init
+    (kaiming-uniform weights, uniform non-zero first bias; ``CMAE.initialize_weights`` leaves
+    them alone)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
+        nn.BatchNorm1d(hidden_dim, eps=HEAD_BN_EPS),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim, bias=False),
     )
@@ -318,10 +328,11 @@ class CMAE(nn.Module):
             self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def initialize_weights(self) -> None:
-        # MAE init: xavier-uniform Linear, zero biases, unit LayerNorm, tokens N(0, 0.02)
+        # MAE init: xavier-uniform Linear, zero biases, unit LayerNorm, tokens N(0, 0.02); the
+        # projector / predictor keep PyTorch's default init, as the official CMAE code does
         self.encoder.init_weights()
         for name, child in self.named_children():
-            if name != "encoder":
+            if name not in ("encoder", "projector", "predictor"):
                 child.apply(_init_module)
             if isinstance(child, Decoder):
                 nn.init.normal_(child.mask_token, std=0.02)
