@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     method: str = "cmae"  # "cmae" (contrastive + reconstruction) or "mae" (reconstruction only)
-    encoder: str = "vit_base"  # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES
+    # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES, or vit_{W}x{D}h{H}
+    encoder: str = "vit_base"
     img_size: int = 224
     patch_size: int = 16
     drop_path: float = 0.0
@@ -327,13 +328,17 @@ def apply_layers(cfg: Any, path: Path | None, overrides: list[str] | None) -> No
 def validate(cfg: Config) -> None:
     """Semantic checks that the types cannot express; each error names its key."""
     from cmae.convvit import CONVVIT_SIZES  # local: keep config importable without torch
-    from cmae.model import ENCODER_SIZES
+    from cmae.model import ENCODER_SIZES, vit_size
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.method not in REFERENCE_MASK:
         raise ConfigError(f"model.method: expected 'cmae' or 'mae', got {m.method!r}")
-    if m.encoder not in ENCODER_SIZES and m.encoder not in CONVVIT_SIZES:
-        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES])
+    try:
+        vit = vit_size(m.encoder)
+    except ValueError as e:
+        raise ConfigError(f"model.encoder: {e}") from e
+    if vit is None and m.encoder not in CONVVIT_SIZES:
+        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES, "vit_{width}x{depth}h{heads}"])
         raise ConfigError(f"model.encoder: unknown {m.encoder!r} (known: {known})")
     if m.encoder in CONVVIT_SIZES and m.patch_size % 4:
         raise ConfigError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from functools import partial
 from typing import NamedTuple
 
@@ -36,7 +37,34 @@ ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_huge": (1280, 32, 16),
 }
 
+# any other plain ViT: "vit_{width}x{depth}h{heads}", e.g. vit_192x4h3 (what an imported
+# official checkpoint of a non-preset size is called)
+CUSTOM_VIT = re.compile(r"vit_(\d+)x(\d+)h(\d+)$")
+
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def vit_size(name: str) -> tuple[int, int, int] | None:
+    """(width, depth, heads) of a ViT size name (a preset or ``vit_{W}x{D}h{H}``); None for a
+    name that is neither (e.g. a ConvViT). A custom size that cannot be built is a ValueError."""
+    if name in ENCODER_SIZES:
+        return ENCODER_SIZES[name]
+    m = CUSTOM_VIT.match(name)
+    if m is None:
+        return None
+    dim, depth, heads = map(int, m.groups())
+    if min(dim, depth, heads) <= 0 or dim % heads or dim % 4:
+        raise ValueError(
+            f"{name}: width must be a multiple of the heads and of 4 (sin-cos position "
+            "embedding), all positive"
+        )
+    return dim, depth, heads
+
+
+def vit_name(dim: int, depth: int, heads: int) -> str:
+    """The preset name of a ViT shape, else its ``vit_{W}x{D}h{H}`` name."""
+    preset = next((n for n, size in ENCODER_SIZES.items() if size == (dim, depth, heads)), None)
+    return preset or f"vit_{dim}x{depth}h{heads}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,10 +491,12 @@ def _init_module(m: nn.Module) -> None:
 
 
 def make_encoder(name: str, img_size: int, patch_size: int, drop_path: float = 0.0) -> nn.Module:
-    """The encoder a size name describes: ``ViTEncoder`` (vit_*) or the hybrid ``ConvViT``
+    """The encoder a size name describes: ``ViTEncoder`` (a preset or ``vit_{W}x{D}h{H}``) or
+    the hybrid ``ConvViT``
     (convvit_*, cmae.convvit); both take ``(imgs, ids_keep, final_norm) -> [N, 1 + K, D]``."""
-    if name in ENCODER_SIZES:
-        dim, depth, heads = ENCODER_SIZES[name]
+    size = vit_size(name)
+    if size is not None:
+        dim, depth, heads = size
         return ViTEncoder(img_size, patch_size, dim, depth, heads, drop_path=drop_path)
     from cmae.convvit import ConvViT  # local: cmae.convvit imports this module's helpers
 
