@@ -80,8 +80,8 @@ def test_default_recipe_survives_the_top_magnitude_with_noise():
     np.testing.assert_array_equal(np.asarray(poster(img)), np.asarray(ImageOps.posterize(img, 1)))
 
 
-@pytest.mark.parametrize("magnitude", [0, TOP])
-def test_every_rand_augment_op_accepts_both_ends(magnitude):
+@pytest.mark.parametrize("magnitude", [*range(TOP + 1), 9.75])
+def test_every_rand_augment_op_accepts_every_magnitude(magnitude):
     img = photo()
     random.seed(0)
     for op in all_ops(magnitude):
