@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from cmae.checkpoint import CheckpointError, check_weights, load_checkpoint
 from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
 from cmae.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
-from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder, make_encoder
+from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder, make_encoder, vit_size
 
 
 class EncoderWeights(NamedTuple):
@@ -66,10 +66,14 @@ def load_encoder_weights(checkpoint: str, preset: str = "quick", seed: int = 0) 
         merge(model_cfg, ckpt["config"]["model"], prefix="model.")
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from e
-    if model_cfg.encoder not in ENCODER_SIZES and model_cfg.encoder not in CONVVIT_SIZES:
-        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES])
+    try:
+        known = model_cfg.encoder in CONVVIT_SIZES or vit_size(model_cfg.encoder) is not None
+    except ValueError as e:  # a vit_{W}x{D}h{H} name that cannot be built
+        raise CheckpointError(f"{path}: its config's model.encoder: {e}") from e
+    if not known:
+        names = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES, "vit_{W}x{D}h{H}"])
         raise CheckpointError(
-            f"{path}: its config names an unknown encoder {model_cfg.encoder!r} (known: {known})"
+            f"{path}: its config names an unknown encoder {model_cfg.encoder!r} (known: {names})"
         )
     prefix = "encoder."
     state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
@@ -152,7 +156,11 @@ def _from_safetensors(path: Path, source: str) -> EncoderWeights:
     name = name or meta.get("encoder")
     if name is None:
         name = next((n for n, (d, L, _) in ENCODER_SIZES.items() if (d, L) == (dim, depth)), None)
-    if name not in ENCODER_SIZES or ENCODER_SIZES[name][:2] != (dim, depth):
+    try:
+        size = vit_size(name) if name is not None else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if size is None or size[:2] != (dim, depth):
         raise CheckpointError(f"{path}: width {dim}, depth {depth} match no known encoder size")
     return _checked(
         path,
@@ -185,7 +193,7 @@ def build_vit_encoder(weights: EncoderWeights) -> ViTEncoder | ConvViT:
         except RuntimeError as e:
             raise CheckpointError(f"weights do not fit a {weights.encoder}: {e}") from e
         return enc
-    dim, depth, heads = ENCODER_SIZES[weights.encoder]
+    dim, depth, heads = vit_size(weights.encoder)
     enc = ViTEncoder(weights.img_size, weights.patch_size, dim, depth, heads)
     enc.load_state_dict(weights.state, strict=True)
     return enc
@@ -203,7 +211,7 @@ def build_timm_vit(
     the final norm, Linear head; ``pool="cls"``: the cls token after the pretrained final norm.
     The head is trunc-normal with std 2e-5 (MAE), so the first logits are near zero.
     """
-    dim, depth, heads = ENCODER_SIZES[weights.encoder]
+    dim, depth, heads = vit_size(weights.encoder)
     avg = pool == "mean"
     model = VisionTransformer(
         img_size=weights.img_size,
