@@ -146,8 +146,11 @@ def test_save_flags_choose_which_checkpoints_are_written(tmp_path):
 def test_resume_auto_continues_and_never_restarts(tmp_path, capsys):
     out = tmp_path / "run"
     train(out, **{"train.max_steps": 3})
-    train(out, **{"train.max_steps": 6})  # resume=auto: from checkpoint.pt at step 3
+    summary = train(out, **{"train.max_steps": 6})  # resume=auto: from checkpoint.pt at step 3
     assert "resuming from" in capsys.readouterr().out
+    # the speed of this segment: its 3 steps of 4 images over its own wall time
+    assert summary["steps"] == 6
+    assert summary["img_per_s"] * summary["wall_s"] == pytest.approx(3 * 4)
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
     train(out, **{"train.max_steps": 2, "train.resume": "never"})
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6, 1, 2]  # appended, from scratch

@@ -387,6 +387,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
 
     start = time.perf_counter()
     tick, tick_step = start, step
+    start_step = step  # after a resume, the speed counts the steps this process trained
     bar = tqdm(
         total=last_step, initial=step, desc="pretrain", dynamic_ncols=True, disable=not is_main()
     )
@@ -517,7 +518,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     summary = {
         "steps": step,
         "wall_s": wall,
-        "img_per_s": step * t.batch_size / wall,
+        "img_per_s": (step - start_step) * t.batch_size / wall,
         "loss": out.loss.item(),
         "loss_pixel": out.loss_pixel.item(),
         "loss_contrast": out.loss_contrast.item(),
