@@ -15,6 +15,8 @@ saves a checkpoint and raises ``Preempted``, which ``cmae pretrain`` turns into 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Iterable, Sequence
@@ -145,7 +147,8 @@ class BadSteps:
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM / SIGUSR1 only set a flag (``requested``).
+    """Context manager: while active, SIGTERM / SIGUSR1 only set a flag (``requested``), and
+    the data-loader workers started with ``worker_init_fn`` ignore them (released on exit).
 
     Handlers can only be installed from the main thread; elsewhere (e.g. a notebook worker
     thread) the signals keep their default action. Under torchrun ``requested()`` all-reduces
@@ -158,6 +161,7 @@ class StopSignals:
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._group = None
+        self.worker_init_fn = WorkerStopSignals()  # for the training loader's workers
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum)
@@ -169,6 +173,7 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.worker_init_fn.release()
         for s, handler in self._previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
@@ -189,8 +194,28 @@ class StopSignals:
         return self.received.name if self.received is not None else "a stop signal on another rank"
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a signal sent to the whole process group must not kill the
-    workers while the main process finishes its step and saves (the loader stops them)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+class WorkerStopSignals:
+    """The data-loader workers' ``worker_init_fn``: while the run goes on they ignore SIGTERM /
+    SIGUSR1, so that a signal sent to the whole process group does not kill them while the
+    main process finishes its step and saves. Once ``release()`` is called (``StopSignals``
+    does on exit, however the run ends) those signals end them again: the loader's shutdown
+    and Python's at exit terminate daemonic workers with SIGTERM and then wait for them, which
+    with the signal ignored waited forever after an uncaught exception or a Ctrl-C."""
+
+    def __init__(self) -> None:
+        # an Event crosses fork, forkserver and spawn (it is pickled with the worker's args)
+        self._released = multiprocessing.Event()
+
+    def __call__(self, worker_id: int) -> None:
+        released = self._released
+
+        def handle(signum: int, frame) -> None:
+            if released.is_set():  # the run is over: die of the signal, as terminate() asks
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, handle)
+
+    def release(self) -> None:
+        self._released.set()

@@ -37,7 +37,6 @@ from cmae.faults import (
     Preempted,
     StopSignals,
     grads_finite,
-    ignore_stop_signals,
     keep_buffers_unless,
     poison_nonfinite,
     step_unless_bad,
@@ -306,7 +305,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=d.num_workers > 0,
         generator=torch.Generator().manual_seed(t.seed + rank()),  # worker seeds, per rank
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=stop.worker_init_fn,  # ignore stop signals until the run ends
         collate_fn=collate_boxes if device_views is not None else None,
     )
 
