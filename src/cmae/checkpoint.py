@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +67,37 @@ def _write_failure(e: BaseException, path: Path) -> str:
     except OSError:
         return detail
     return f"{detail}; {free / 2**20:.1f} MiB free on its file system"
+
+
+def save_text(path: str | Path, text: str) -> None:
+    """Write a small text file atomically (config.yaml, summary.json): whole or not at all."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+class RunLog:
+    """``RUN/log.jsonl``, appended one JSON record per line. A failed write (disk full) is
+    reported once and training goes on: the log is for reading, the checkpoints hold the
+    state."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.file = open(self.path, "a")
+        self.failed = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if not self.failed:
+                warn(f"could not write to {self.path} ({e}); training goes on, unlogged")
+            self.failed = True
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # its buffered records could not be written: reported above
+            pass
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -231,7 +264,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    # on its own line, also while a progress bar is drawn (it is redrawn below)
+    tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
 def latest_checkpoint(run_dir: str | Path, required: tuple[str, ...]) -> tuple[Path, dict] | None:

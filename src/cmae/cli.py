@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from cmae.checkpoint import CheckpointError
@@ -16,19 +17,35 @@ from cmae.config import (
     load_eval_config,
 )
 from cmae.data import DataError
-from cmae.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
+from cmae.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.plot import MissingDependencyError
+from cmae.runlock import RunDirBusy
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from cmae import pretrain
+    # a stop signal before the run installs its own handler (imports, data probing, model
+    # building) ends the start-up with a message and exit 75, like one during training
+    previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
+    try:
+        from cmae import pretrain
 
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    if args.out is not None:
-        overrides.append(f"train.out={args.out}")
-    pretrain.run(load_config(args.config, overrides))
+        overrides = list(args.overrides)
+        if args.data is not None:
+            overrides.append(f"data.path={args.data}")
+        if args.out is not None:
+            overrides.append(f"train.out={args.out}")
+        pretrain.run(load_config(args.config, overrides))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class StoppedInStartup(Exception):
+    """A stop signal arrived before training began: nothing to save."""
+
+
+def _stopped_in_startup(signum: int, frame) -> None:
+    raise StoppedInStartup(signal.Signals(signum).name)
 
 
 EVAL_COMMANDS = {
@@ -222,7 +239,21 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except Preempted:  # a stop signal; the state is saved and the message printed
         return EXIT_PREEMPTED
-    except (ConfigError, DataError, CheckpointError, MissingDependencyError, NonFiniteError) as e:
+    except StoppedInStartup as e:
+        print(
+            f"cmae {args.command}: stopped by {e} during start-up, before training (nothing "
+            "to save); run the same command again",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        MissingDependencyError,
+        NonFiniteError,
+        RunDirBusy,
+    ) as e:
         print(f"cmae {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

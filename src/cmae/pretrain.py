@@ -17,9 +17,16 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cmae.checkpoint import RunCheckpoints, remove_stale_temps, save_encoder
+from cmae.checkpoint import (
+    RunCheckpoints,
+    RunLog,
+    remove_stale_temps,
+    save_encoder,
+    save_text,
+    warn,
+)
 from cmae.config import Config, ConfigError, to_dict
-from cmae.data import build_datasets, loader_workers
+from cmae.data import DataError, build_datasets, loader_workers
 from cmae.distributed import (
     build_sampler,
     is_main,
@@ -47,8 +54,9 @@ from cmae.losses import gather_keys
 from cmae.model import CMAE, CMAEOutput, build_encoder, build_model
 from cmae.monitor import contrastive_health
 from cmae.optim import cosine_lr, momentum_at, param_groups
-from cmae.plot import write_summary
+from cmae.plot import LOSSES, read_log, write_summary
 from cmae.resume import find_resume, restore_training, set_deterministic, training_state
+from cmae.runlock import lock_run_dir
 from cmae.sampling import BadImages, EpochSampler, SeededSamples
 from cmae.views import (
     CropBoxes,
@@ -251,9 +259,85 @@ def train_one_step(
     )
 
 
+OUTPUTS = ("encoder.safetensors", "summary.json")  # written after checkpoint.pt
+
+
+def write_outputs(
+    cfg: Config,
+    model: CMAE,
+    summary: dict,
+    bank_set,
+    query_set,
+    device: torch.device,
+    recon_png: Path | None = None,
+) -> dict:
+    """The outputs that follow ``checkpoint.pt``: ``encoder.safetensors``, the end-of-run kNN
+    (pretrained vs random init), ``summary.json`` and ``summary.md``. A rerun of a run killed
+    before they were all written calls it again (``finish_outputs``)."""
+    t, d, out_dir = cfg.train, cfg.data, Path(cfg.train.out)
+    save_encoder(
+        model,
+        out_dir / "encoder.safetensors",
+        metadata={
+            "format": encoder_format(cfg.model.encoder),
+            "encoder": cfg.model.encoder,
+            "img_size": str(cfg.model.img_size),
+            "patch_size": str(cfg.model.patch_size),
+        },
+    )
+    print(f"wrote {out_dir / 'encoder.safetensors'}")
+    if t.knn_at_end and bank_set is not None:
+
+        def knn(encoder):
+            return knn_eval(
+                encoder,
+                bank_set,
+                query_set,
+                device,
+                d.mean,
+                d.std,
+                t.knn_k,
+                t.knn_t,
+                num_workers=min(loader_workers(d.num_workers), 2),
+            )
+
+        torch.manual_seed(t.seed)
+        summary["knn"] = knn(model.encoder)
+        summary["knn_random_init"] = knn(build_encoder(cfg.model).to(device))
+        print(
+            f"kNN top-1 on held-out data ({summary['knn']['n_query']} images, k={t.knn_k}): "
+            f"pretrained {summary['knn']['top1']:.2f}% vs random init "
+            f"{summary['knn_random_init']['top1']:.2f}%"
+        )
+    save_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    try:
+        write_summary(out_dir, to_dict(cfg), summary, recon_png)
+    except OSError as e:  # the readable copy of summary.json; the run's results are saved
+        warn(f"could not write {out_dir / 'summary.md'} or its pictures: {e}")
+    return summary
+
+
+def finish_outputs(cfg: Config, model: CMAE, step: int, bank_set, query_set, device) -> dict:
+    """A run already trained to its last step: write the outputs a kill or a full disk kept
+    it from writing after ``checkpoint.pt`` (``model`` holds its weights); else the summary."""
+    out_dir = Path(cfg.train.out)
+    summary_file = out_dir / "summary.json"
+    if all((out_dir / name).is_file() for name in OUTPUTS):
+        return json.loads(summary_file.read_text())
+    missing = [name for name in OUTPUTS if not (out_dir / name).is_file()]
+    print(f"{out_dir}: writing the missing end-of-run outputs ({', '.join(missing)})")
+    try:  # the losses of the last logged step: the training process that had them is gone
+        last = [r for r in read_log(out_dir) if "loss" in r and r.get("step") == step]
+    except DataError:
+        last = []
+    summary = {"steps": step, **{k: last[-1][k] for k, _ in LOSSES if last and k in last[-1]}}
+    return write_outputs(cfg, model, summary, bank_set, query_set, device)
+
+
 def run(cfg: Config) -> dict:
-    # SIGTERM / SIGUSR1: finish the step, save, raise Preempted (`cmae pretrain` exits 75)
-    with StopSignals() as stop:
+    # SIGTERM / SIGUSR1: finish the step, save, raise Preempted (`cmae pretrain` exits 75);
+    # one run per directory: a second one is refused, naming the first (cmae.runlock)
+    with lock_run_dir(cfg.train.out), StopSignals() as stop:
         return train(cfg, stop)
 
 
@@ -264,7 +348,6 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     out_dir = Path(t.out)
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     keep_freed_memory()
@@ -360,18 +443,21 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     resumed_from = resumed and str(resumed[0])
     del resumed  # the loaded state: free its memory
     if step >= last_step:
+        summary = {}
         if is_main():
             print(f"{out_dir} is already trained to step {step} (train.resume=never restarts)")
+            summary = finish_outputs(cfg, model, step, bank_set, query_set, device)
         visuals.close()
         teardown_distributed()
-        summary_file = out_dir / "summary.json"
-        return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        return summary
+    if is_main():  # only now: a refused run (another model, already trained) leaves it as is
+        save_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     checkpoints = RunCheckpoints(out_dir, t.keep_last, t.keep_every_epochs)
     bad_steps = BadSteps(device)
     bad_images = BadImages(d.max_bad_fraction, len(sampler), *bad_counts)
-    log_file = open(out_dir / "log.jsonl", "a") if is_main() else None  # appended on resume
+    log_file = RunLog(out_dir / "log.jsonl") if is_main() else None  # appended on resume
     if is_main() and step:
-        log_file.write(json.dumps({"step": step, "resumed_from": resumed_from}) + "\n")
+        log_file.write({"step": step, "resumed_from": resumed_from})
 
     def snapshot() -> dict:
         """The training state now; every rank calls it (their RNG states are gathered)."""
@@ -438,8 +524,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
                 if out.q is not None:  # contrastive health: pos_cos, neg_cos, key_std
                     rec.update(contrastive_health(out.q, out.k))
                 tick, tick_step = now, step
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
+                log_file.write(rec)
                 visuals.log(rec)
                 bar.set_postfix(
                     loss=f"{rec['loss']:.4f}",
@@ -480,8 +565,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
                     num_workers=min(loader_workers(d.num_workers), 2),
                 )
             rec = {"step": step, "epoch": epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
+            log_file.write(rec)
             bar.set_postfix(knn_top1=f"{res['top1']:.2f}")
             visuals.log(rec)
         if is_main():
@@ -504,16 +588,6 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     wall = time.perf_counter() - start
 
     checkpoints.save_final(state)  # a full training state: a longer run can resume from it
-    save_encoder(
-        model,
-        out_dir / "encoder.safetensors",
-        metadata={
-            "format": encoder_format(cfg.model.encoder),
-            "encoder": cfg.model.encoder,
-            "img_size": str(cfg.model.img_size),
-            "patch_size": str(cfg.model.patch_size),
-        },
-    )
     summary = {
         "steps": step,
         "wall_s": wall,
@@ -525,34 +599,8 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     print(
         f"trained {step} steps in {wall:.1f}s ({summary['img_per_s']:.1f} img/s); final loss "
         f"{summary['loss']:.4f} (pixel {summary['loss_pixel']:.4f}, "
-        f"contrast {summary['loss_contrast']:.4f}); wrote {out_dir / 'checkpoint.pt'} and "
-        f"{out_dir / 'encoder.safetensors'}"
+        f"contrast {summary['loss_contrast']:.4f}); wrote {out_dir / 'checkpoint.pt'}"
     )
-
-    if t.knn_at_end and bank_set is not None:
-
-        def knn(encoder):
-            return knn_eval(
-                encoder,
-                bank_set,
-                query_set,
-                device,
-                d.mean,
-                d.std,
-                t.knn_k,
-                t.knn_t,
-                num_workers=min(loader_workers(d.num_workers), 2),
-            )
-
-        torch.manual_seed(t.seed)
-        summary["knn"] = knn(model.encoder)
-        summary["knn_random_init"] = knn(build_encoder(cfg.model).to(device))
-        print(
-            f"kNN top-1 on held-out data ({summary['knn']['n_query']} images, k={t.knn_k}): "
-            f"pretrained {summary['knn']['top1']:.2f}% vs random init "
-            f"{summary['knn_random_init']['top1']:.2f}%"
-        )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_summary(out_dir, to_dict(cfg), summary, visuals.last_png)
+    summary = write_outputs(cfg, model, summary, bank_set, query_set, device, visuals.last_png)
     teardown_distributed()
     return summary

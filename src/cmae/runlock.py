@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -87,3 +88,9 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_run_dir(run_dir: str | Path) -> AbstractContextManager:
+    """The lock of ``run_dir`` for the process that writes it: rank 0 (``RANK`` of torchrun,
+    read before the process group exists); a no-op on the other ranks."""
+    return RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
