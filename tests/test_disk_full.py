@@ -14,7 +14,7 @@ import cmae
 SRC = str(Path(cmae.__file__).resolve().parents[1])
 
 SAVES = """
-import resource, signal, sys, torch
+import resource, shutil, signal, sys, torch
 from torch import nn
 from cmae.checkpoint import CheckpointWriteError, RunCheckpoints, save_encoder
 run, limit = sys.argv[1], int(sys.argv[2])
@@ -27,7 +27,9 @@ print("good", ckpts.save(small, step=1), flush=True)
 if limit:  # a write past the limit fails with EFBIG instead of killing us with SIGXFSZ
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+free = shutil.disk_usage(run).free
 print("periodic", ckpts.save(big, step=2), flush=True)
+print("space kept by the failed save", free - shutil.disk_usage(run).free)
 for name, save in [("final", lambda: ckpts.save_final(big)),
                    ("encoder", lambda: save_encoder(model, run + "/e.safetensors"))]:
     try:
@@ -85,6 +87,8 @@ def test_full_tmpfs(tmp_path):
     try:
         lines = run_saves(mnt, limit=0)
         check(lines, mnt)
+        # the failed save's temp file is gone and its space free while the process goes on
+        assert "space kept by the failed save 0" in lines
         final = next(x for x in lines if x.startswith("final error:"))
         assert "disk full" in final and "MiB free on its file system" in final
         assert "No space left" in next(x for x in lines if x.startswith("encoder error:"))

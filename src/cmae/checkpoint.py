@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -48,25 +49,37 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    # a full disk reaches us as torch's RuntimeError ("unexpected pos ...") or safetensors'
+    # SafetensorError, not only OSError: all are a failed write of this one file
+    except (OSError, RuntimeError, SafetensorError) as e:
+        detail = _write_detail(e)
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        # a full disk reaches us as torch's RuntimeError ("unexpected pos ...") or safetensors'
-        # SafetensorError, not only OSError: all are a failed write of this one file
-        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
-            raise CheckpointWriteError(f"could not write {path}: {_write_failure(e, path)}") from e
         raise
+    else:
+        return
+    # out of the except clause, so the exception (whose frames hold torch's failed writer, and
+    # with it the temp file open) is gone: collected, its disk space is free again, which
+    # matters on a full disk where training goes on
+    gc.collect()
+    Path(tmp).unlink(missing_ok=True)
+    raise CheckpointWriteError(f"could not write {path}: {detail}{_free_space(path)}")
 
 
-def _write_failure(e: BaseException, path: Path) -> str:
+def _write_detail(e: BaseException) -> str:
     detail = _first_line(e)
     if isinstance(e, RuntimeError) and "unexpected pos" in detail:
         # torch's writer checks its position after each record and names no cause
         detail = f"the write stopped short, e.g. disk full, quota or file-size limit ({detail})"
+    return detail
+
+
+def _free_space(path: Path) -> str:
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:
-        return detail
-    return f"{detail}; {free / 2**20:.1f} MiB free on its file system"
+        return ""
+    return f"; {free / 2**20:.1f} MiB free on its file system"
 
 
 def save_text(path: str | Path, text: str) -> None:
