@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except Preempted:  # a stop signal; the state is saved and the message printed
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # Ctrl-C: what was saved stays; 128 + SIGINT, as shells report
+        resume = " (it resumes from the last checkpoint)" if args.command == "pretrain" else ""
+        print(
+            f"cmae {args.command}: interrupted; run the same command again{resume}", file=sys.stderr
+        )
+        return 130
     except StoppedInStartup as e:
         print(
             f"cmae {args.command}: stopped by {e} during start-up, before training (nothing "
