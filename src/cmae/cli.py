@@ -7,6 +7,8 @@ import json
 import signal
 import sys
 
+from tqdm import tqdm
+
 from cmae.checkpoint import CheckpointError
 from cmae.config import (
     ConfigError,
@@ -241,15 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C: what was saved stays; 128 + SIGINT, as shells report
         resume = " (it resumes from the last checkpoint)" if args.command == "pretrain" else ""
-        print(
-            f"cmae {args.command}: interrupted; run the same command again{resume}", file=sys.stderr
-        )
+        _say(f"cmae {args.command}: interrupted; run the same command again{resume}")
         return 130
     except StoppedInStartup as e:
-        print(
+        _say(
             f"cmae {args.command}: stopped by {e} during start-up, before training (nothing "
-            "to save); run the same command again",
-            file=sys.stderr,
+            "to save); run the same command again"
         )
         return EXIT_PREEMPTED
     except (
@@ -260,9 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteError,
         RunDirBusy,
     ) as e:
-        print(f"cmae {args.command}: error: {e}", file=sys.stderr)
+        _say(f"cmae {args.command}: error: {e}")
         return 2
     return 0
+
+
+def _say(msg: str) -> None:
+    # on its own line, also after a progress bar an error interrupted (tqdm clears it first)
+    tqdm.write(msg, file=sys.stderr)
 
 
 if __name__ == "__main__":
