@@ -18,10 +18,10 @@ import pytest
 import timm
 import torch
 
-from cmae.checkpoint import CheckpointError
 from cmae.cli import main
-from cmae.export import bgr_to_rgb_patch_embed, load_official
-from cmae.views import normalize
+from cmae.data.views import normalize
+from cmae.interop.export import bgr_to_rgb_patch_embed, load_official
+from cmae.runtime.checkpoint import CheckpointError
 
 D, DEPTH, P, GRID = 192, 12, 8, 4  # encoder width/depth, patch, grid -> 32 px
 DD, DEC_DEPTH, FEAT_DEPTH = 32, 2, 1  # decoder width, pixel / feature decoder depth

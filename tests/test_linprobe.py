@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cmae.linprobe import LARS, ProbeHeads, evaluate_heads, feature_batches, train_heads
+from cmae.eval.linprobe import LARS, ProbeHeads, evaluate_heads, feature_batches, train_heads
 
 
 def separable(n: int = 256, dim: int = 8, num_classes: int = 4, seed: int = 0):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parents[1] / "configs"  # cmae/configs: presets found by name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     method: str = "cmae"  # "cmae" (contrastive + reconstruction) or "mae" (reconstruction only)
-    encoder: str = "vit_base"  # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES
+    encoder: str = (
+        "vit_base"  # a key of cmae.models.cmae.ENCODER_SIZES or cmae.models.convvit.CONVVIT_SIZES
+    )
     img_size: int = 224
     patch_size: int = 16
     drop_path: float = 0.0
@@ -323,8 +325,8 @@ def apply_layers(cfg: Any, path: Path | None, overrides: list[str] | None) -> No
 
 def validate(cfg: Config) -> None:
     """Semantic checks that the types cannot express; each error names its key."""
-    from cmae.convvit import CONVVIT_SIZES  # local: keep config importable without torch
-    from cmae.model import ENCODER_SIZES
+    from cmae.models.convvit import CONVVIT_SIZES  # local: keep config importable without torch
+    from cmae.models.vit import ENCODER_SIZES
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.method not in REFERENCE_MASK:

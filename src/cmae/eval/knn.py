@@ -17,11 +17,12 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, to_dict
-from cmae.data import labelled_splits, loader_workers
-from cmae.encoders import EncoderWeights, build_vit_encoder, load_encoder_weights
-from cmae.views import eval_transform, normalize
+from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.views import eval_transform, normalize
+from cmae.interop.encoders import EncoderWeights, build_vit_encoder, load_encoder_weights
+from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cmae.runtime.device import resolve_device
 
 # queries per similarity block: 1024 x 50k float32 = 200 MB, so a 50k bank x 10k queries fits
 KNN_CHUNK = 1024
@@ -241,7 +242,6 @@ def frozen_setup(cfg) -> FrozenSetup:  # cfg: KnnConfig or LinprobeConfig
 
 
 def run(cfg: KnnConfig) -> dict:
-    from cmae.pretrain import resolve_device  # local: pretrain imports this module
 
     d, pool, out_dir = cfg.data, cfg.encoder.pool, Path(cfg.out)
     device = resolve_device(cfg.device)

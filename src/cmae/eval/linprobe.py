@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
-from cmae.data import labelled_splits, loader_workers
-from cmae.encoders import build_vit_encoder
-from cmae.knn import (
+from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.views import crop_flip, normalize
+from cmae.eval.knn import (
     cached_features,
     feature_cache_file,
     frozen_features,
@@ -31,9 +31,9 @@ from cmae.knn import (
     topk_accuracy,
     write_results,
 )
-from cmae.optim import cosine_lr
-from cmae.pretrain import resolve_device, seed_everything
-from cmae.views import crop_flip, normalize
+from cmae.interop.encoders import build_vit_encoder
+from cmae.runtime.device import resolve_device, seed_everything
+from cmae.runtime.optim import cosine_lr
 
 # MAE linear-probe augmentation (torchvision RandomResizedCrop defaults) and optimizer momentum
 PROBE_CROP_SCALE = (0.08, 1.0)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import random
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cmae.checkpoint import RunCheckpoints, remove_stale_temps, save_encoder
 from cmae.config import Config, ConfigError, to_dict
-from cmae.data import build_datasets, loader_workers
-from cmae.distributed import (
+from cmae.data.datasets import build_datasets, loader_workers
+from cmae.data.pipeline import build_device_color, build_device_views, build_views, to_device
+from cmae.data.sampling import BadImages, EpochSampler, SeededSamples
+from cmae.data.views import collate_boxes, eval_transform
+from cmae.eval.knn import knn_eval
+from cmae.interop.export import encoder_format
+from cmae.models.cmae import CMAE, CMAEOutput, build_encoder, build_model
+from cmae.models.losses import gather_keys
+from cmae.runtime.checkpoint import RunCheckpoints, remove_stale_temps, save_encoder
+from cmae.runtime.device import keep_freed_memory, resolve_amp, resolve_device, seed_everything
+from cmae.runtime.distributed import (
     build_sampler,
     is_main,
     local_batch_size,
@@ -30,8 +34,8 @@ from cmae.distributed import (
     world_size,
     wrap_model,
 )
-from cmae.export import encoder_format
-from cmae.faults import (
+from cmae.runtime.optim import cosine_lr, momentum_at, param_groups
+from cmae.train.faults import (
     BadSteps,
     Preempted,
     StopSignals,
@@ -41,139 +45,10 @@ from cmae.faults import (
     poison_nonfinite,
     step_unless_bad,
 )
-from cmae.knn import knn_eval
-from cmae.losses import gather_keys
-from cmae.model import CMAE, CMAEOutput, build_encoder, build_model
-from cmae.monitor import contrastive_health
-from cmae.optim import cosine_lr, momentum_at, param_groups
-from cmae.plot import write_summary
-from cmae.resume import find_resume, restore_training, set_deterministic, training_state
-from cmae.sampling import BadImages, EpochSampler, SeededSamples
-from cmae.views import (
-    CropBoxes,
-    DeviceTargetColor,
-    DeviceViews,
-    PixelShiftViews,
-    SingleView,
-    collate_boxes,
-    eval_transform,
-    normalize,
-    target_color_transform,
-)
-from cmae.visualize import RunVisuals
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """``train.amp`` -> the autocast dtype, None for fp32. auto: bf16 on CUDA, fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve tensors up to 32 MiB from the heap and keep freed memory for reuse, instead
-    of mapping fresh pages for each activation and unmapping them when it is freed: a ViT-Tiny
-    CMAE step took ~160-200k page faults and 8-18% longer on this project's CPU machine
-    (docs/PERFORMANCE.md). The process's memory then stays near its peak, which training
-    reaches every step anyway. Returns whether it applied (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_views(cfg: Config, workers_part: bool = False):
-    """The training views; ``workers_part``: what the data workers compute of them (all of
-    it, or under ``data.resize_device`` the crop boxes that ``build_device_views`` finishes)."""
-    m, d = cfg.model, cfg.data
-    if workers_part and d.resize_device:
-        shift = d.max_shift if m.method == "cmae" else 0
-        return CropBoxes(m.img_size, shift, d.crop_scale, d.crop_ratio, d.hflip)
-    if m.method == "mae":
-        return SingleView(m.img_size, d.crop_scale, d.crop_ratio, d.hflip)
-    color = target_color_transform(
-        d.brightness,
-        d.contrast,
-        d.saturation,
-        d.hue,
-        d.color_jitter_p,
-        d.grayscale_p,
-        d.blur_p,
-        d.blur_sigma,
-    )
-    return PixelShiftViews(
-        m.img_size,
-        d.max_shift,
-        d.crop_scale,
-        d.crop_ratio,
-        d.hflip,
-        color if d.target_color_aug and not d.target_aug_device else None,
-    )
-
-
-def build_device_color(cfg: Config) -> DeviceTargetColor | None:
-    """The target view's colour ops for the training device (``data.target_aug_device``)."""
-    m, d = cfg.model, cfg.data
-    if m.method == "mae" or not (d.target_color_aug and d.target_aug_device):
-        return None
-    return DeviceTargetColor(
-        d.brightness,
-        d.contrast,
-        d.saturation,
-        d.hue,
-        d.color_jitter_p,
-        d.grayscale_p,
-        d.blur_p,
-        d.blur_sigma,
-    )
-
-
-def build_device_views(cfg: Config) -> DeviceViews | None:
-    """The views' resize on the training device (``data.resize_device``), else None."""
-    m, d = cfg.model, cfg.data
-    if not d.resize_device:
-        return None
-    cmae = m.method == "cmae"
-    return DeviceViews(m.img_size, d.max_shift if cmae else 0, two_views=cmae)
-
-
-def to_device(
-    views: list[torch.Tensor],
-    device: torch.device,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    target_color: DeviceTargetColor | None = None,
-    device_views: DeviceViews | None = None,
-) -> list[torch.Tensor]:
-    """uint8 views from the loader -> normalised float32 on ``device`` (4x less to copy than
-    float); ``target_color`` first colour-augments the target view (views[1]) there. With
-    ``device_views`` the loader's ``views`` are ``collate_boxes``' (buffer, sizes, params),
-    made into views on ``device`` first."""
-    if device_views is not None:
-        views = device_views(*views, device)
-    else:
-        views = [v.to(device, non_blocking=True) for v in views]
-    if target_color is not None:
-        views[1] = target_color(views[1])
-    return [normalize(v, mean, std) for v in views]
+from cmae.train.monitor import contrastive_health
+from cmae.train.resume import find_resume, restore_training, set_deterministic, training_state
+from cmae.viz.plot import write_summary
+from cmae.viz.visualize import RunVisuals
 
 
 def train_one_step(
@@ -197,7 +72,7 @@ def train_one_step(
     per micro-batch). The returned losses are the micro-batch mean.
 
     A step with a non-finite loss or gradient is skipped on the device (no host sync): no
-    update, no EMA, BatchNorm statistics kept; ``bad_steps`` counts it (cmae.faults).
+    update, no EMA, BatchNorm statistics kept; ``bad_steps`` counts it (cmae.train.faults).
     """
     wrapped = model if wrapped is None else wrapped
     for group in optimizer.param_groups:
@@ -311,7 +186,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     base_lr = t.lr if t.lr is not None else t.blr * t.batch_size / 256  # global batch
     # fused: one kernel for all parameters, on CPU too (faster than the per-parameter loop,
-    # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.faults)
+    # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.train.faults)
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=base_lr, betas=t.betas, fused=True
     )

@@ -1,0 +1,1 @@
+"""Evaluation commands on a frozen or fine-tuned encoder: knn, linprobe, finetune."""
