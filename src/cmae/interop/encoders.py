@@ -23,7 +23,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
+from cmae.config import ConfigError, ModelConfig, compose, load_config, to_dict
 from cmae.models.cmae import build_encoder
 from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
 from cmae.models.vit import ENCODER_SIZES, ViTEncoder
@@ -62,9 +62,8 @@ def load_encoder_weights(checkpoint: str, preset: str = "quick", seed: int = 0) 
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a cmae pretraining checkpoint (needs model, config)")
-    model_cfg = ModelConfig()
     try:
-        merge(model_cfg, ckpt["config"]["model"], prefix="model.")
+        model_cfg = compose(ModelConfig, [("", ckpt["config"]["model"])], prefix="model.")
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from e
     prefix = "encoder."
