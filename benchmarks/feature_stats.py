@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from cmae.config import KnnConfig, load_eval_config
 from cmae.data.datasets import loader_workers
-from cmae.eval.knn import frozen_features, frozen_setup, knn_predict, topk_accuracy
+from cmae.eval.frozen import frozen_features, frozen_setup, topk_accuracy
+from cmae.eval.knn import knn_predict
 from cmae.interop.encoders import build_vit_encoder
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cmae.config import ConfigError, FinetuneConfig, to_dict
 from cmae.data.datasets import labelled_splits, loader_workers
 from cmae.data.views import eval_transform, normalize
-from cmae.eval.knn import eval_normalization, topk_accuracy, write_results
+from cmae.eval.frozen import eval_normalization, topk_accuracy, write_results
 from cmae.interop.encoders import build_classifier, load_encoder_weights
 from cmae.models.convvit import ConvViTClassifier
 from cmae.runtime.device import keep_freed_memory, resolve_device, seed_everything

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from cmae.config import ConfigError, LinprobeConfig, to_dict
 from cmae.data.datasets import labelled_splits, loader_workers
 from cmae.data.views import crop_flip, normalize
-from cmae.eval.knn import (
+from cmae.eval.frozen import (
     cached_features,
     feature_cache_file,
     frozen_features,
