@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cmae.models.convvit import ConvViT
 from cmae.models.losses import info_nce, masked_pixel_loss
-from cmae.models.vit import ENCODER_SIZES, LayerNorm, ViTEncoder, init_module, sincos_pos_embed
+from cmae.models.vit import LayerNorm, ViTEncoder, init_module, sincos_pos_embed, vit_size
 
 # ---------------------------------------------------------------------------------------------
 # tensor helpers
@@ -125,11 +125,17 @@ class Decoder(nn.Module):
         return {"pos_embed", "mask_token"}
 
 
+HEAD_BN_EPS = 1e-6  # the official CMAE neck's BatchNorm1d eps (PyTorch's default is 1e-5)
+
+
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Projector / predictor: Linear -> BN -> ReLU -> Linear (no bias, no last BN)."""
+    """Projector / predictor: Linear -> BN -> ReLU -> Linear (no bias, no last BN), as the
+    official CMAE neck: BN eps 1e-6, Linear layers keep PyTorch's default init
+    (kaiming-uniform weights, uniform non-zero first bias; ``CMAE.initialize_weights`` leaves
+    them alone)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
+        nn.BatchNorm1d(hidden_dim, eps=HEAD_BN_EPS),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim, bias=False),
     )
@@ -223,10 +229,11 @@ class CMAE(nn.Module):
             self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def initialize_weights(self) -> None:
-        # MAE init: xavier-uniform Linear, zero biases, unit LayerNorm, tokens N(0, 0.02)
+        # MAE init: xavier-uniform Linear, zero biases, unit LayerNorm, tokens N(0, 0.02); the
+        # projector / predictor keep PyTorch's default init, as the official CMAE code does
         self.encoder.init_weights()
         for name, child in self.named_children():
-            if name != "encoder":
+            if name not in ("encoder", "projector", "predictor"):
                 child.apply(init_module)
             if isinstance(child, Decoder):
                 nn.init.normal_(child.mask_token, std=0.02)
@@ -347,11 +354,12 @@ class CMAE(nn.Module):
 
 
 def make_encoder(name: str, img_size: int, patch_size: int, drop_path: float = 0.0) -> nn.Module:
-    """The encoder a size name describes: ``ViTEncoder`` (vit_*) or the hybrid ``ConvViT``
-    (convvit_*, cmae.models.convvit); both take ``(imgs, ids_keep, final_norm)`` and return
-    ``[N, 1 + K, D]``."""
-    if name in ENCODER_SIZES:
-        dim, depth, heads = ENCODER_SIZES[name]
+    """The encoder a size name describes: ``ViTEncoder`` (a preset or ``vit_{W}x{D}h{H}``) or
+    the hybrid ``ConvViT`` (convvit_*, cmae.models.convvit); both take ``(imgs, ids_keep,
+    final_norm)`` and return ``[N, 1 + K, D]``."""
+    size = vit_size(name)
+    if size is not None:
+        dim, depth, heads = size
         return ViTEncoder(img_size, patch_size, dim, depth, heads, drop_path=drop_path)
     return ConvViT.from_name(name, img_size, patch_size, drop_path)
 

@@ -5,6 +5,7 @@ Parameter names equal timm's ``VisionTransformer``, so exporting an encoder is a
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import torch
@@ -23,13 +24,44 @@ ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_huge": (1280, 32, 16),
 }
 
+# any other plain ViT: "vit_{width}x{depth}h{heads}", e.g. vit_192x4h3 (what an imported
+# official checkpoint of a non-preset size is called)
+CUSTOM_VIT = re.compile(r"vit_(\d+)x(\d+)h(\d+)$")
+
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def vit_size(name: str) -> tuple[int, int, int] | None:
+    """(width, depth, heads) of a ViT size name (a preset or ``vit_{W}x{D}h{H}``); None for a
+    name that is neither (e.g. a ConvViT). A custom size that cannot be built is a ValueError."""
+    if name in ENCODER_SIZES:
+        return ENCODER_SIZES[name]
+    m = CUSTOM_VIT.match(name)
+    if m is None:
+        return None
+    dim, depth, heads = map(int, m.groups())
+    if min(dim, depth, heads) <= 0 or dim % heads or dim % 4:
+        raise ValueError(
+            f"{name}: width must be a multiple of the heads and of 4 (sin-cos position "
+            "embedding), all positive"
+        )
+    return dim, depth, heads
+
+
+def vit_name(dim: int, depth: int, heads: int) -> str:
+    """The preset name of a ViT shape, else its ``vit_{W}x{D}h{H}`` name."""
+    preset = next((n for n, size in ENCODER_SIZES.items() if size == (dim, depth, heads)), None)
+    return preset or f"vit_{dim}x{depth}h{heads}"
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     """Fixed 2-D sin-cos position embedding, [grid*grid (+1), dim]; the cls position is zeros.
 
-    Same layout as MAE: the first half of the channels encodes the column, the second the row.
+    Same layout as MAE: the first half of the channels encodes the column (x), the second the
+    row (y), each half [sin, cos] over dim / 4 frequencies. The official CMAE code (mmselfsup's
+    ``build_2d_sincos_position_embedding``) puts the halves the other way round (row first);
+    otherwise equal. Imported official weights keep theirs: the embeddings are state-dict
+    entries, copied as they are (``cmae.interop.export.load_official``), never recomputed.
     """
     assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))

@@ -297,7 +297,7 @@ def build_trainee(cfg: Config, device: torch.device) -> Trainee:
     # fused: one kernel for all parameters, on CPU too (faster than the per-parameter loop,
     # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.train.faults)
     optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=base_lr, betas=t.betas, fused=True
+        param_groups(model, t.weight_decay, t.wd_exempt), lr=base_lr, betas=t.betas, fused=True
     )
     return Trainee(model, wrapped, optimizer, scaler, amp, base_lr)
 
