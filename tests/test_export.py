@@ -16,7 +16,7 @@ from cmae.interop.export import (
     load_model,
     safetensors_metadata,
 )
-from cmae.models.cmae import ViTEncoder
+from cmae.models.vit import ViTEncoder
 from cmae.runtime.checkpoint import CheckpointError, save_checkpoint
 
 
