@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses -> YAML presets -> ``key.sub=value`` overrides.
+"""The pretraining config (``cmae pretrain``): model, data and train sections.
 
 The dataclass defaults are the reference ViT-B/16 recipe of the CMAE paper (CMAE_SPEC.md); the
 ``tiny`` preset (the default of ``cmae pretrain``) is the small CPU setting for 32 px images.
@@ -7,29 +7,19 @@ Unknown keys and values of the wrong type are errors that name the offending key
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-PRESET_DIR = Path(__file__).parent / "configs"
+from cmae.config.base import ConfigError, compose, load_yaml, parse_overrides, preset_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names the key."""
-
-
 @dataclass
 class ModelConfig:
     method: str = "cmae"  # "cmae" (contrastive + reconstruction) or "mae" (reconstruction only)
-    # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES, or vit_{W}x{D}h{H}
+    # a key of models.vit.ENCODER_SIZES or models.convvit.CONVVIT_SIZES, or vit_{W}x{D}h{H}
     encoder: str = "vit_base"
     img_size: int = 224
     patch_size: int = 16
@@ -152,183 +142,30 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass with type checking
-
-
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` coerced to the annotated type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:  # tuple[float, ...]: any non-empty length
-            if not isinstance(value, (list, tuple)) or not value:
-                raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
-            return tuple(_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        pairs = enumerate(zip(value, args, strict=True))
-        return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in pairs)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def merge(cfg: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    """Recursively apply a nested dict of ``updates`` to dataclass ``cfg`` in place."""
-    if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
-    types_ = _field_types(type(cfg))
-    for key, value in updates.items():
-        full = f"{prefix}{key}"
-        if key not in types_:
-            known = ", ".join(types_)
-            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
-            merge(current, value, prefix=f"{full}.")
-        else:
-            setattr(cfg, key, _check_value(full, value, types_[key]))
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["model.mask_ratio=0.5", "train.epochs=3"]`` -> nested dict; values parsed as YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override")
-        node[parts[-1]] = value
-    return out
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of builtins (tuples become lists), safe for YAML and weights_only."""
-
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(cfg)
-
-
 def from_dict(d: dict[str, Any]) -> Config:
-    cfg = Config()
-    merge(cfg, d)
+    """A ``Config`` from ``to_dict``'s output (a checkpoint's or config.yaml's), validated."""
+    cfg = compose(Config, [("", d)])
     validate(cfg)
     return cfg
-
-
-def preset_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        return p
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
-        raise ConfigError(
-            f"unknown preset '{name_or_path}' (presets: {names}; or pass a .yaml path)"
-        )
-    return candidate
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (model/data/train)")
-    extends = data.pop("extends", None)
-    if extends is None:
-        return data
-    base = load_yaml(preset_path(extends))
-    return _deep_update(base, data)
-
-
-def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_update(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def load_config(preset: str | None = "tiny", overrides: list[str] | None = None) -> Config:
     """Dataclass defaults, then the preset/YAML file (if any), then dotted overrides."""
-    cfg = Config()
-    apply_layers(cfg, preset_path(preset) if preset is not None else None, overrides)
+    layers = []
+    if preset is not None:
+        path = preset_path(preset)
+        layers.append((str(path), load_yaml(path)))
+    if overrides:
+        layers.append(("", parse_overrides(overrides)))
+    cfg = compose(Config, layers)
     validate(cfg)
     return cfg
 
 
-def apply_layers(cfg: Any, path: Path | None, overrides: list[str] | None) -> None:
-    """Merge a YAML file (errors prefixed with its path), then dotted overrides, into ``cfg``."""
-    if path is not None:
-        try:
-            merge(cfg, load_yaml(path))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
-    if overrides:
-        merge(cfg, parse_overrides(overrides))
-
-
 def validate(cfg: Config) -> None:
     """Semantic checks that the types cannot express; each error names its key."""
-    from cmae.convvit import CONVVIT_SIZES  # local: keep config importable without torch
-    from cmae.model import ENCODER_SIZES, vit_size
+    from cmae.models.convvit import CONVVIT_SIZES  # local: keep config importable without torch
+    from cmae.models.vit import ENCODER_SIZES, vit_size
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.method not in REFERENCE_MASK:
@@ -464,169 +301,3 @@ def validate(cfg: Config) -> None:
     for key in ("knn_bank", "knn_queries"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation commands (knn, linprobe, finetune): own top-level configs, same merge/validate rules
-
-
-@dataclass
-class EvalEncoderConfig:
-    # checkpoint.pt of `cmae pretrain`, an exported encoder.safetensors, or "random"
-    checkpoint: str = "random"
-    preset: str = "quick"  # "random" only: the pretraining preset / YAML whose model is built
-    pool: str = "mean"  # features: "mean" of the patch tokens or the "cls" token
-
-
-@dataclass
-class EvalDataConfig:
-    path: str | None = None  # ROOT with train/ and val/ (or test/) class folders; None = built-in
-    # None: the pretraining checkpoint's data.mean/std, else ImageNet's
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    crop_pct: float = 1.0  # eval view: resize to img_size / crop_pct, centre crop (0.875: 256->224)
-    num_workers: int = 4
-    # built-in generated data (used when path is None), as in the pretraining config
-    synthetic_train: int = 5000
-    synthetic_val: int = 1000
-    synthetic_size: int = 32
-    synthetic_seed: int = 0
-
-    def synthetic(self) -> dict[str, int]:
-        return {
-            "train": self.synthetic_train,
-            "val": self.synthetic_val,
-            "size": self.synthetic_size,
-            "seed": self.synthetic_seed,
-        }
-
-
-@dataclass
-class KnnConfig:
-    encoder: EvalEncoderConfig = field(default_factory=EvalEncoderConfig)
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256  # feature extraction
-    cache: bool = True  # keep the extracted features and reuse them on the next run
-    cache_dir: str | None = None  # None = OUT/features
-    device: str = "auto"
-    seed: int = 0  # the random-init encoder
-    out: str = "runs/knn"
-
-
-@dataclass
-class LinprobeConfig:
-    encoder: EvalEncoderConfig = field(default_factory=EvalEncoderConfig)
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    # fast: cached features, no augmentation; full: MAE protocol, RandomResizedCrop + flip
-    # images through the frozen encoder. Both train one head per blr in one pass.
-    mode: str = "fast"
-    optimizer: str = "sgd"  # sgd (momentum 0.9) or lars (the MAE protocol)
-    blrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # lr = blr * batch / 256
-    epochs: int = 90
-    warmup_epochs: int = 10
-    batch_size: int = 1024
-    cache: bool = True
-    cache_dir: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    out: str = "runs/linprobe"
-
-
-@dataclass
-class FinetuneConfig:
-    encoder: EvalEncoderConfig = field(default_factory=EvalEncoderConfig)
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    epochs: int = 100
-    warmup_epochs: int = 5
-    batch_size: int = 1024
-    blr: float = 5e-4  # lr = blr * batch / 256 (2.5e-4 for 1600-epoch checkpoints)
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65
-    drop_path: float = 0.1
-    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" = off
-    reprob: float = 0.25  # random erasing
-    mixup: float = 0.8  # alpha; 0 = off
-    cutmix: float = 1.0  # alpha; 0 = off
-    smoothing: float = 0.1
-    trainable_blocks: int | None = None  # partial fine-tuning: last k blocks + head; None = all
-    device: str = "auto"
-    seed: int = 0
-    out: str = "runs/finetune"
-
-
-EvalConfig = KnnConfig | LinprobeConfig | FinetuneConfig
-
-
-def load_eval_config(
-    cls: type[EvalConfig], path: str | None = None, overrides: list[str] | None = None
-) -> EvalConfig:
-    """Defaults of ``cls``, then a YAML file (e.g. a run's config.yaml), then the overrides."""
-    cfg = cls()
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"config file not found: {path}")
-    apply_layers(cfg, Path(path) if path is not None else None, overrides)
-    validate_eval(cfg)
-    return cfg
-
-
-def validate_eval(cfg: EvalConfig) -> None:
-    """Semantic checks of an evaluation config; each error names its key."""
-    e, d = cfg.encoder, cfg.data
-    if e.pool not in ("mean", "cls"):
-        raise ConfigError(f"encoder.pool: expected 'mean' or 'cls', got {e.pool!r}")
-    if e.checkpoint == "random":
-        preset_path(e.preset)  # fails early, naming the preset
-    if not 0 < d.crop_pct <= 1:
-        raise ConfigError(f"data.crop_pct: must be in (0, 1], got {d.crop_pct}")
-    if d.std is not None and any(s <= 0 for s in d.std):
-        raise ConfigError(f"data.std: must be positive, got {d.std}")
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
-    if cfg.batch_size <= 0:
-        raise ConfigError(f"batch_size: must be positive, got {cfg.batch_size}")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if isinstance(cfg, KnnConfig):
-        if cfg.k <= 0:
-            raise ConfigError(f"k: must be positive, got {cfg.k}")
-        if cfg.temperature <= 0:
-            raise ConfigError(f"temperature: must be positive, got {cfg.temperature}")
-        return
-    if cfg.epochs <= 0:
-        raise ConfigError(f"epochs: must be positive, got {cfg.epochs}")
-    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        raise ConfigError(f"warmup_epochs: must be in [0, epochs], got {cfg.warmup_epochs}")
-    if isinstance(cfg, LinprobeConfig):
-        if cfg.mode not in ("fast", "full"):
-            raise ConfigError(f"mode: expected 'fast' or 'full', got {cfg.mode!r}")
-        if cfg.optimizer not in ("sgd", "lars"):
-            raise ConfigError(f"optimizer: expected 'sgd' or 'lars', got {cfg.optimizer!r}")
-        if any(lr <= 0 for lr in cfg.blrs):
-            raise ConfigError(f"blrs: must all be positive, got {cfg.blrs}")
-        if cfg.batch_size < 2:
-            raise ConfigError("batch_size: BatchNorm needs at least 2 samples per batch")
-        return
-    if cfg.blr <= 0 or cfg.min_lr < 0:
-        raise ConfigError(f"blr / min_lr: need blr > 0, min_lr >= 0; got {cfg.blr}, {cfg.min_lr}")
-    if cfg.weight_decay < 0:
-        raise ConfigError(f"weight_decay: must be >= 0, got {cfg.weight_decay}")
-    if not 0 < cfg.layer_decay <= 1:
-        raise ConfigError(f"layer_decay: must be in (0, 1], got {cfg.layer_decay}")
-    if not 0 <= cfg.drop_path < 1:
-        raise ConfigError(f"drop_path: must be in [0, 1), got {cfg.drop_path}")
-    if not 0 <= cfg.reprob <= 1:
-        raise ConfigError(f"reprob: probability must be in [0, 1], got {cfg.reprob}")
-    if cfg.mixup < 0 or cfg.cutmix < 0:
-        raise ConfigError(f"mixup / cutmix: alphas must be >= 0, got {cfg.mixup}, {cfg.cutmix}")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise ConfigError(f"batch_size: mixup/cutmix need an even batch, got {cfg.batch_size}")
-    if not 0 <= cfg.smoothing < 1:
-        raise ConfigError(f"smoothing: must be in [0, 1), got {cfg.smoothing}")
-    if cfg.trainable_blocks is not None and cfg.trainable_blocks < 0:
-        raise ConfigError(f"trainable_blocks: must be >= 0, got {cfg.trainable_blocks}")
