@@ -9,8 +9,9 @@ import stat
 import pytest
 import torch
 
-from cmae import checkpoint
-from cmae.checkpoint import (
+from cmae.config import load_config
+from cmae.runtime import checkpoint
+from cmae.runtime.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
     RunCheckpoints,
@@ -22,9 +23,8 @@ from cmae.checkpoint import (
     save_checkpoint,
     save_encoder,
 )
-from cmae.config import load_config
-from cmae.pretrain import run
-from cmae.resume import RESUME_KEYS, find_resume
+from cmae.train.pretrain import run
+from cmae.train.resume import RESUME_KEYS, find_resume
 from tests.conftest import tiny_overrides
 
 

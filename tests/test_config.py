@@ -1,6 +1,17 @@
 import pytest
+import yaml
 
-from cmae.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from cmae.config import (
+    Config,
+    ConfigError,
+    KnnConfig,
+    LinprobeConfig,
+    from_dict,
+    load_config,
+    load_eval_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 def test_overrides_parse_and_apply():
@@ -118,7 +129,7 @@ def test_non_finite_numbers_are_refused(override):
     "raw, value", [("1e6", 1e6), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5e1", 5.0)]
 )
 def test_exponent_without_dot_is_a_number(raw, value):
-    # YAML 1.1 (PyYAML) reads 1e6 as a string; a float key takes it as the number it spells
+    # PyYAML (YAML 1.1) reads 1e6 as a string; the config reads it as the number it spells
     assert load_config("quick", [f"train.lr={raw}"]).train.lr == value
     assert load_config("quick", [f"model.temperature={raw}"]).model.temperature == value
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
@@ -132,3 +143,32 @@ def test_yaml_syntax_error_is_one_line_naming_the_file_once(tmp_path):
         load_config(str(bad))
     msg = str(e.value)
     assert msg.count(str(bad)) == 1 and "\n" not in msg and "line 3, column 9" in msg
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text("extends: tiny\ntrain:\n  lr: 1e-3\n  blr: 1e6\n")
+    cfg = load_config(str(f), ["train.min_lr=1e-6"])
+    assert (cfg.train.lr, cfg.train.blr, cfg.train.min_lr) == (1e-3, 1e6, 1e-6)
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = load_config("quick", ["train.epochs=3", "data.crop_scale=[0.3,1]"])
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(str(f)) == cfg
+
+
+@pytest.mark.parametrize(
+    "cls,override,needle",
+    [
+        (KnnConfig, "encoder.pol=cls", "unknown config key 'encoder.pol'"),
+        (KnnConfig, "k=abc", "k: expected an integer"),
+        (KnnConfig, "data.mean=[1,2]", "data.mean: expected a list of 3 values"),
+        (LinprobeConfig, "blrs=5", "blrs: expected a non-empty list"),
+        (LinprobeConfig, "cache=2", "cache: expected true/false"),
+    ],
+)
+def test_eval_config_errors_name_the_key(cls, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_eval_config(cls, None, [override])

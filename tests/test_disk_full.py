@@ -16,7 +16,7 @@ SRC = str(Path(cmae.__file__).resolve().parents[1])
 SAVES = """
 import resource, shutil, signal, sys, torch
 from torch import nn
-from cmae.checkpoint import CheckpointWriteError, RunCheckpoints, save_encoder
+from cmae.runtime.checkpoint import CheckpointWriteError, RunCheckpoints, save_encoder
 run, limit = sys.argv[1], int(sys.argv[2])
 small = {"model": {"w": torch.ones(10)}, "step": 1}
 big = {"model": {"w": torch.ones(400_000)}, "step": 2}  # 1.6 MB

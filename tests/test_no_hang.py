@@ -19,7 +19,8 @@ LIMIT_S = 120  # start-up on a loaded CPU included; a hang never ends
 
 RUN = """
 import sys
-from cmae import cli, pretrain
+from cmae import cli
+from cmae.train import pretrain
 
 real, calls = pretrain.train_one_step, [0]
 

@@ -14,8 +14,8 @@ import pytest
 
 import cmae
 from cmae import cli
-from cmae.checkpoint import load_checkpoint, periodic_checkpoints
-from cmae.runlock import RunLock
+from cmae.runtime.checkpoint import load_checkpoint, periodic_checkpoints
+from cmae.runtime.runlock import RunLock
 from tests.conftest import tiny_overrides
 
 SRC = str(Path(cmae.__file__).resolve().parents[1])

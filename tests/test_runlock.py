@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 import cmae
-from cmae.checkpoint import remove_stale_temps
-from cmae.runlock import LOCK_NAME, RunDirBusy, RunLock
+from cmae.runtime.checkpoint import remove_stale_temps
+from cmae.runtime.runlock import LOCK_NAME, RunDirBusy, RunLock
 
 SRC = str(Path(cmae.__file__).resolve().parents[1])
 
 HOLD = """
 import sys, time
-from cmae.runlock import RunLock
+from cmae.runtime.runlock import RunLock
 with RunLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)

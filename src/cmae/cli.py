@@ -9,7 +9,6 @@ import sys
 
 from tqdm import tqdm
 
-from cmae.checkpoint import CheckpointError
 from cmae.config import (
     ConfigError,
     FinetuneConfig,
@@ -18,19 +17,22 @@ from cmae.config import (
     load_config,
     load_eval_config,
 )
-from cmae.data import DataError
-from cmae.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
-from cmae.plot import MissingDependencyError
-from cmae.runlock import RunDirBusy
+from cmae.data.datasets import DataError
+from cmae.eval import finetune, knn, linprobe
+from cmae.interop import export
+from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.runlock import RunDirBusy
+from cmae.train import pretrain
+from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
+from cmae.viz.plot import MissingDependencyError, plot_run
+from cmae.viz.visualize import visualize_files
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    # a stop signal before the run installs its own handler (imports, data probing, model
+    # a stop signal before the run installs its own handler (config, data probing, model
     # building) ends the start-up with a message and exit 75, like one during training
     previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
     try:
-        from cmae import pretrain
-
         overrides = list(args.overrides)
         if args.data is not None:
             overrides.append(f"data.path={args.data}")
@@ -51,16 +53,18 @@ def _stopped_in_startup(signum: int, frame) -> None:
 
 
 EVAL_COMMANDS = {
-    "knn": (KnnConfig, "weighted k-NN top-1/top-5 of frozen features"),
-    "linprobe": (LinprobeConfig, "linear probe on the frozen encoder (fast or MAE protocol)"),
-    "finetune": (FinetuneConfig, "end-to-end fine-tuning (MAE recipe)"),
+    "knn": (KnnConfig, knn, "weighted k-NN top-1/top-5 of frozen features"),
+    "linprobe": (
+        LinprobeConfig,
+        linprobe,
+        "linear probe on the frozen encoder (fast or MAE protocol)",
+    ),
+    "finetune": (FinetuneConfig, finetune, "end-to-end fine-tuning (MAE recipe)"),
 }
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    import importlib
-
-    cls = EVAL_COMMANDS[args.command][0]
+    cls, command = EVAL_COMMANDS[args.command][:2]
     # JSON-quoted: a path is a string even where YAML would read it as a number or a bool
     overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
     if args.data is not None:
@@ -68,18 +72,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.out is not None:
         overrides.append(f"out={json.dumps(args.out)}")
     cfg = load_eval_config(cls, args.config, overrides + list(args.overrides))
-    importlib.import_module(f"cmae.{args.command}").run(cfg)
+    command.run(cfg)
 
 
 def _export(args: argparse.Namespace) -> None:
-    from cmae import export
-
     if args.format == "timm":
         path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
         if fmt == export.FORMAT_CONVVIT:
             print(
                 f"wrote {path} ({fmt}): a ConvViT encoder is not a timm VisionTransformer, so "
-                "this is its own state dict (cmae names); load it with cmae.api.load_encoder "
+                "this is its own state dict (cmae names); load it with cmae.load_encoder "
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
             return
@@ -93,8 +95,6 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _import_official(args: argparse.Namespace) -> None:
-    from cmae import export
-
     result = export.load_official(
         args.file,
         args.layout,
@@ -109,8 +109,6 @@ def _import_official(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from cmae.visualize import visualize_files
-
     path = visualize_files(
         args.checkpoint, args.images, args.out, args.max_images, args.seed, args.tile
     )
@@ -118,8 +116,6 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from cmae.plot import plot_run
-
     print(f"wrote {plot_run(args.run_dir, args.out)}")
 
 
@@ -212,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, e.g. train.epochs=5 model.mask_ratio=0.75",
     )
     p.set_defaults(func=_pretrain)
-    for name, (_, help_text) in EVAL_COMMANDS.items():
+    for name, (_, _, help_text) in EVAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument(
             "--checkpoint",

@@ -253,7 +253,7 @@ def remove_stale_temps(run_dir: str | Path) -> None:
 
     A temp file whose writer (the pid in its name) is still alive on this host is left alone:
     it may be a save in flight of another command writing into the directory. Call it with
-    the run directory's lock held (cmae.runlock), so no other run writes there."""
+    the run directory's lock held (cmae.runtime.runlock), so no other run writes there."""
     run_dir = Path(run_dir)
     for folder in (run_dir, run_dir / CHECKPOINT_DIR):
         for tmp in folder.glob(".*.tmp"):
