@@ -14,6 +14,7 @@ from cmae.config import (
     LinprobeConfig,
     load_config,
     load_eval_config,
+    load_segment_config,
 )
 from cmae.data import DataError
 from cmae.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
@@ -50,6 +51,42 @@ def _evaluate(args: argparse.Namespace) -> None:
         overrides.append(f"out={json.dumps(args.out)}")
     cfg = load_eval_config(cls, args.config, overrides + list(args.overrides))
     importlib.import_module(f"cmae.{args.command}").run(cfg)
+
+
+def _segment(args: argparse.Namespace) -> None:
+    from cmae import segment
+
+    overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
+    if args.data is not None:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.out is not None:
+        overrides.append(f"out={json.dumps(args.out)}")
+    segment.run(load_segment_config(args.config, overrides + list(args.overrides)))
+
+
+def _add_segment_command(sub) -> None:
+    p = sub.add_parser("segment", help="semantic segmentation with UperNet (ADE20K protocol)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random'",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="ROOT with images/{training,validation}/ and annotations/{training,validation}/ "
+        "(ADE20K layout, optional classes.txt); default: built-in generated data",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: runs/segment)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset (ade20k_vit_base, camvid_cpu) or a YAML file, e.g. a previous OUT/config.yaml",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. iters=1000"
+    )
+    p.set_defaults(func=_segment)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -200,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. k=10"
         )
         p.set_defaults(func=_evaluate)
+    _add_segment_command(sub)
     _add_interop_commands(sub)
     return parser
 
