@@ -101,6 +101,10 @@ def _export(args: argparse.Namespace) -> None:
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
             return
+    elif args.format == "mae":
+        if args.img_size is not None:
+            raise ConfigError("--img-size: only for --format timm (mae keeps the pretraining size)")
+        path = export.export_mae(args.checkpoint, args.out, args.branch)
     elif args.img_size is not None or args.branch != "online":
         raise ConfigError(
             "--img-size / --branch: only for --format timm (a full export keeps the whole model)"
@@ -143,13 +147,15 @@ def _plot(args: argparse.Namespace) -> None:
 def _add_interop_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint: timm encoder or full pretraining state")
     p.add_argument("checkpoint", help="checkpoint.pt of `cmae pretrain` (or an imported one)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output file (.safetensors; .pth for mae)")
     p.add_argument(
         "--format",
-        choices=("timm", "full"),
+        choices=("timm", "full", "mae"),
         default="timm",
         help="timm: online encoder, timm VisionTransformer names (default; a ConvViT encoder "
-        "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining",
+        "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining; "
+        "mae: a .pth with {'model': encoder state dict} in timm names, as MAE released (for "
+        "detectron2 ViTDet / mmsegmentation; ViT only)",
     )
     p.add_argument(
         "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"
@@ -158,7 +164,7 @@ def _add_interop_commands(sub) -> None:
         "--branch",
         choices=("online", "target"),
         default="online",
-        help="timm: the online encoder (default) or the momentum target encoder (CMAE only)",
+        help="timm / mae: the online encoder (default) or the momentum target encoder (CMAE only)",
     )
     p.set_defaults(func=_export)
 

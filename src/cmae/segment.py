@@ -180,7 +180,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     mine = Subset(val_set, list(range(rank(), len(val_set), world_size())))
-    loader = DataLoader(mine, batch_size=1, num_workers=workers)
+    loader = DataLoader(mine, batch_size=1, num_workers=workers, generator=torch.Generator())
     conf = torch.zeros(model.num_classes, model.num_classes, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     for img, label, _ in loader:
@@ -312,6 +312,9 @@ def train(cfg: SegmentConfig, stop: StopSignals) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals,
+        # its own generator: starting an epoch's iterator must not draw from the global one,
+        # which the resumed run restores (drop path, dropout)
+        generator=torch.Generator().manual_seed(cfg.seed + rank()),
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:

@@ -35,10 +35,14 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 def default_out_indices(depth: int) -> tuple[int, ...]:
     """Blocks whose outputs feed the pyramid: ViT-B (12) 3, 5, 7, 11; ViT-L (24) 7, 11, 15, 23
-    (the MAE / BEiT choice: the ends of the first third, half, two thirds and the last block)."""
+    (the MAE / BEiT choice: the ends of the first third, half, two thirds and the last block;
+    the ends of its quarters where those coincide)."""
     if depth < 4:
         raise ValueError(f"a pyramid of 4 levels needs at least 4 blocks, the encoder has {depth}")
-    return (depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1)
+    taps = (depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1)
+    if len(set(taps)) < 4:  # very shallow encoders: the ends of its quarters
+        taps = tuple(round((k + 1) * depth / 4) - 1 for k in range(4))
+    return taps
 
 
 # ---------------------------------------------------------------------------------------------
