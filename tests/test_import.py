@@ -14,14 +14,18 @@ its projector takes them, which only fits our encoder-width feature decoder when
 (as for ViT-B/16, 768 = 16*16*3).
 """
 
+import re
+
 import pytest
 import timm
 import torch
 
 from cmae.checkpoint import CheckpointError
 from cmae.cli import main
-from cmae.export import bgr_to_rgb_patch_embed, load_official
+from cmae.export import bgr_to_rgb_patch_embed, load_model, load_official
+from cmae.model import unpatchify
 from cmae.views import normalize
+from tests.test_export import timm_from_file
 
 D, DEPTH, P, GRID = 192, 12, 8, 4  # encoder width/depth, patch, grid -> 32 px
 DD, DEC_DEPTH, FEAT_DEPTH = 32, 2, 1  # decoder width, pixel / feature decoder depth
@@ -364,3 +368,84 @@ def test_import_cli_writes_a_checkpoint_the_other_commands_read(tmp_path, capsys
     assert main(["export", str(out), "--out", str(tmp_path / "enc.safetensors")]) == 0
     assert main(["import-official", str(src), "--layout", "mae", "--out", str(out)]) == 2
     assert "wrong --layout" in capsys.readouterr().err
+
+
+def shallow(shapes, depth):
+    """``shapes`` with the encoders cut to ``depth`` blocks (a size that is no preset)."""
+    keep = {}
+    for k, s in shapes.items():
+        m = re.match(r"(?:target_)?backbone\.layers\.(\d+)\.", k)
+        if m is None or int(m.group(1)) < depth:
+            keep[k] = s
+    return keep
+
+
+def test_any_vit_size_imports_heads_from_rule_config_or_override():
+    official = synthetic(shallow(cmae_shapes(), 4))
+    res = load_official({"state_dict": official}, "cmae")
+    m = res.config.model
+    assert (m.encoder, m.img_size, m.patch_size, m.decoder_dim) == ("vit_192x4h3", 32, P, DD)
+    assert (m.decoder_depth, m.feature_decoder_depth, m.decoder_heads) == (DEC_DEPTH, 1, 16)
+    assert res.model.encoder.blocks[0].attn.num_heads == 3  # width / 64
+    assert len(res.model.encoder.blocks) == 4
+    # an mmengine config dict in the checkpoint names the heads
+    cfg = {"model": {"backbone": {"arch": {"embed_dims": D, "num_heads": 6}}}}
+    cfg["model"]["neck"] = {"decoder_num_heads": 4}
+    res = load_official({"state_dict": official, "meta": {"cfg": cfg}}, "cmae")
+    assert (res.config.model.encoder, res.config.model.decoder_heads) == ("vit_192x4h6", 4)
+    assert res.model.pixel_decoder.blocks[0].attn.num_heads == 4
+    # the caller overrides both
+    res = load_official(
+        {"state_dict": official, "meta": {"cfg": cfg}}, "cmae", encoder_heads=12, decoder_heads=8
+    )
+    assert (res.config.model.encoder, res.config.model.decoder_heads) == ("vit_192x4h12", 8)
+    with pytest.raises(CheckpointError, match="encoder_heads"):
+        load_official({"state_dict": official}, "cmae", encoder_heads=5)
+    # a preset shape keeps the preset name and heads
+    assert load_official({"model": synthetic(mae_shapes())}, "mae").config.model.encoder == (
+        "vit_tiny"
+    )
+
+
+def test_custom_size_import_round_trips_through_a_checkpoint(tmp_path, capsys):
+    src = tmp_path / "official.pth"
+    torch.save({"state_dict": synthetic(shallow(cmae_shapes(), 4))}, src)
+    out = tmp_path / "imported.pt"
+    assert main(["import-official", str(src), "--layout", "cmae", "--out", str(out)]) == 0
+    assert "vit_192x4h3" in capsys.readouterr().out
+    model, cfg = load_model(out)
+    assert cfg.model.encoder == "vit_192x4h3" and len(model.encoder.blocks) == 4
+    enc = tmp_path / "enc.safetensors"
+    assert main(["export", str(out), "--out", str(enc)]) == 0
+    vit = timm_from_file(enc)
+    assert len(vit.blocks) == 4 and vit.blocks[0].attn.num_heads == 3
+
+
+def test_bgr_to_rgb_reconstruction_equals_the_official_on_the_bgr_image():
+    """Official order: the model fed the B,G,R image (normalised with the RGB statistics, as
+    the official pipeline does) predicts B,G,R per pixel. Imported with bgr_to_rgb: fed the RGB
+    image, it predicts the same values with the channels in R,G,B order."""
+    official = synthetic(shallow(cmae_shapes(), 4))
+    plain = load_official({"state_dict": official}, "cmae").model.eval()
+    rgb = load_official({"state_dict": official}, "cmae", bgr_to_rgb=True).model.eval()
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    torch.manual_seed(1)
+    noise = torch.rand(2, L)  # the same mask for both
+    with torch.no_grad():
+        ids_keep, ids_restore = mask_ids(noise)
+        pred_bgr = plain.pixel_decoder(
+            plain.encoder(normalize(img[:, [2, 1, 0]], MEAN, STD), ids_keep), ids_restore
+        )
+        pred_rgb = rgb.pixel_decoder(rgb.encoder(normalize(img, MEAN, STD), ids_keep), ids_restore)
+    # [N, L, p*p*3] channels last -> images; the official one read as B,G,R
+    recon_official = unpatchify(pred_bgr, P)[:, [2, 1, 0]]
+    recon_ours = unpatchify(pred_rgb, P)
+    torch.testing.assert_close(recon_ours, recon_official, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(unpatchify(pred_bgr, P), recon_ours, atol=1e-2)
+
+
+def mask_ids(noise):
+    keep = noise.shape[1] // 4
+    ids_shuffle = noise.argsort(dim=1)
+    return ids_shuffle[:, :keep], ids_shuffle.argsort(dim=1)

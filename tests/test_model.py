@@ -87,10 +87,12 @@ def test_ema_refuses_mismatched_names(tiny_model):
 
 def test_init_loss_values(tiny_model):
     # reference projector widths (1536 -> 256): at init the queries barely discriminate, so the
-    # contrastive loss sits near its uniform value 2 tau ln(N) (spec: 0.291 at N = 8)
+    # contrastive loss sits near its uniform value 2 tau ln(N) (spec: 0.291 at N = 8). With the
+    # reference's default-init projector / predictor it spreads 0.276 .. 0.377 over seeds 0-9
+    # (0.359 here), with the earlier xavier init 0.247 .. 0.377: 0.1 covers both
     m = tiny_model(**{"model.proj_hidden_dim": 1536, "model.proj_dim": 256})
     out = run(m, *inputs(n=8))
-    assert abs(out.loss_contrast.item() - 2 * 0.07 * torch.log(torch.tensor(8.0)).item()) < 0.05
+    assert abs(out.loss_contrast.item() - 2 * 0.07 * torch.log(torch.tensor(8.0)).item()) < 0.1
     assert out.pred.shape == (8, 16, 48) and out.mask.shape == (8, 16)
     assert out.q.shape == out.k.shape == (8, 256)
 

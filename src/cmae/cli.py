@@ -122,6 +122,7 @@ def _import_official(args: argparse.Namespace) -> None:
         args.layout,
         bgr_to_rgb=args.bgr_to_rgb,
         decoder_heads=args.decoder_heads,
+        encoder_heads=args.encoder_heads,
         strict=not args.allow_missing,
     )
     path = export.save_imported(result, args.out, str(args.file))
@@ -175,10 +176,21 @@ def _add_interop_commands(sub) -> None:
     p.add_argument(
         "--bgr-to-rgb",
         action="store_true",
-        help="rewrite the patch embedding for RGB input (official CMAE trained on B,G,R)",
+        help="rewrite the patch embeddings for RGB input and the pixel decoder for R,G,B "
+        "output (official CMAE trained on B,G,R)",
     )
     p.add_argument(
-        "--decoder-heads", type=int, default=16, help="decoder heads (not in the shapes; 16)"
+        "--encoder-heads",
+        type=int,
+        default=None,
+        help="encoder heads (not in the shapes; default: the checkpoint's config, else the "
+        "preset's, else width / 64)",
+    )
+    p.add_argument(
+        "--decoder-heads",
+        type=int,
+        default=None,
+        help="decoder heads (default: the checkpoint's config, else 16)",
     )
     p.add_argument(
         "--allow-missing",

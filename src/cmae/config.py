@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     method: str = "cmae"  # "cmae" (contrastive + reconstruction) or "mae" (reconstruction only)
-    encoder: str = "vit_base"  # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES
+    # a key of cmae.model.ENCODER_SIZES or cmae.convvit.CONVVIT_SIZES, or vit_{W}x{D}h{H}
+    encoder: str = "vit_base"
     img_size: int = 224
     patch_size: int = 16
     drop_path: float = 0.0
@@ -110,6 +111,9 @@ class TrainConfig:
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    # "reference": the official CMAE exemptions (biases, LayerNorms, tokens, pos-embeds; BN
+    # weights decayed); "1d": every 1-D parameter exempt (MAE's rule, cmae before 2026-11-30)
+    wd_exempt: str = "reference"
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.996
     momentum_end: float = 0.996  # != momentum: cosine ramp from momentum to momentum_end
@@ -324,13 +328,17 @@ def apply_layers(cfg: Any, path: Path | None, overrides: list[str] | None) -> No
 def validate(cfg: Config) -> None:
     """Semantic checks that the types cannot express; each error names its key."""
     from cmae.convvit import CONVVIT_SIZES  # local: keep config importable without torch
-    from cmae.model import ENCODER_SIZES
+    from cmae.model import ENCODER_SIZES, vit_size
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.method not in REFERENCE_MASK:
         raise ConfigError(f"model.method: expected 'cmae' or 'mae', got {m.method!r}")
-    if m.encoder not in ENCODER_SIZES and m.encoder not in CONVVIT_SIZES:
-        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES])
+    try:
+        vit = vit_size(m.encoder)
+    except ValueError as e:
+        raise ConfigError(f"model.encoder: {e}") from e
+    if vit is None and m.encoder not in CONVVIT_SIZES:
+        known = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES, "vit_{width}x{depth}h{heads}"])
         raise ConfigError(f"model.encoder: unknown {m.encoder!r} (known: {known})")
     if m.encoder in CONVVIT_SIZES and m.patch_size % 4:
         raise ConfigError(
@@ -446,6 +454,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr: must be >= 0, got {t.min_lr}")
     if t.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.wd_exempt not in ("reference", "1d"):
+        raise ConfigError(f"train.wd_exempt: expected 'reference' or '1d', got {t.wd_exempt!r}")
     if not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas: each must be in [0, 1), got {t.betas}")
     for key in ("pixel_weight", "contrast_weight"):

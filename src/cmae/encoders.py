@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from cmae.checkpoint import CheckpointError, load_checkpoint
 from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
 from cmae.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
-from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder
+from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder, vit_size
 
 
 class EncoderWeights(NamedTuple):
@@ -122,7 +122,11 @@ def _from_safetensors(path: Path, source: str) -> EncoderWeights:
     name = name or meta.get("encoder")
     if name is None:
         name = next((n for n, (d, L, _) in ENCODER_SIZES.items() if (d, L) == (dim, depth)), None)
-    if name not in ENCODER_SIZES or ENCODER_SIZES[name][:2] != (dim, depth):
+    try:
+        size = vit_size(name) if name is not None else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if size is None or size[:2] != (dim, depth):
         raise CheckpointError(f"{path}: width {dim}, depth {depth} match no known encoder size")
     return EncoderWeights(
         state,
@@ -152,7 +156,7 @@ def build_vit_encoder(weights: EncoderWeights) -> ViTEncoder | ConvViT:
         except RuntimeError as e:
             raise CheckpointError(f"weights do not fit a {weights.encoder}: {e}") from e
         return enc
-    dim, depth, heads = ENCODER_SIZES[weights.encoder]
+    dim, depth, heads = vit_size(weights.encoder)
     enc = ViTEncoder(weights.img_size, weights.patch_size, dim, depth, heads)
     enc.load_state_dict(weights.state, strict=True)
     return enc
@@ -170,7 +174,7 @@ def build_timm_vit(
     the final norm, Linear head; ``pool="cls"``: the cls token after the pretrained final norm.
     The head is trunc-normal with std 2e-5 (MAE), so the first logits are near zero.
     """
-    dim, depth, heads = ENCODER_SIZES[weights.encoder]
+    dim, depth, heads = vit_size(weights.encoder)
     avg = pool == "mean"
     model = VisionTransformer(
         img_size=weights.img_size,

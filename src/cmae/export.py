@@ -41,7 +41,7 @@ from torch import Tensor
 from cmae.checkpoint import CheckpointError, _atomic_write, load_checkpoint, save_checkpoint
 from cmae.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
 from cmae.convvit import CONVVIT_SIZES
-from cmae.model import CMAE, ENCODER_SIZES, build_model, sincos_pos_embed
+from cmae.model import CMAE, ENCODER_SIZES, build_model, sincos_pos_embed, vit_name, vit_size
 
 FORMAT_TIMM = "timm.VisionTransformer"
 FORMAT_CONVVIT = "cmae.ConvViT"
@@ -118,7 +118,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def timm_kwargs(encoder: str, img_size: int, patch_size: int) -> dict[str, int]:
     """Keyword arguments that make ``timm.create_model("vit_base_patch16_224", **kw)`` our ViT."""
-    dim, depth, heads = ENCODER_SIZES[encoder]
+    dim, depth, heads = vit_size(encoder)
     return {
         "img_size": img_size,
         "patch_size": patch_size,
@@ -348,22 +348,39 @@ def _rename(key: str, rules: tuple[tuple[str, str, tuple], ...]) -> str | None:
     return None
 
 
-def infer_model_config(state: dict[str, Tensor], method: str, decoder_heads: int) -> ModelConfig:
+HEAD_DIM = 64  # heads = width / 64 when neither a preset, the file nor the caller says
+
+
+def infer_model_config(
+    state: dict[str, Tensor],
+    method: str,
+    decoder_heads: int | None = None,
+    encoder_heads: int | None = None,
+) -> ModelConfig:
     """The ModelConfig our-named ``state`` describes; parts it lacks keep the reference values.
 
-    Head counts are not in any shape: the encoder's come from its size name (width, depth),
-    the decoders' from ``decoder_heads`` (16 in both official recipes).
+    Width, depth, patch, image size, decoder widths / depths and the projector come from the
+    shapes. Head counts are in no shape: ``encoder_heads`` / ``decoder_heads`` when given
+    (``load_official`` passes those of the checkpoint's config when it has one), else the
+    preset's heads when (width, depth) is a preset size, else width / 64 (``HEAD_DIM``, the
+    ViT-S/B/L rule); decoders default to 16 heads (both official recipes). A size that is not
+    a preset is named ``vit_{W}x{D}h{H}``.
     """
-    cfg = ModelConfig(method=method, decoder_heads=decoder_heads)
     needed = ("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed.proj.weight")
     if not all(k in state for k in needed):
         raise CheckpointError("no ViT encoder found (cls_token / pos_embed / patch embedding)")
     dim = state["encoder.cls_token"].shape[-1]
     depth = _count_blocks(state, "encoder.blocks.")
-    name = next((n for n, (d, L, _) in ENCODER_SIZES.items() if (d, L) == (dim, depth)), None)
-    if name is None:
-        raise CheckpointError(f"encoder width {dim}, depth {depth} match no known size")
-    cfg.encoder = name
+    if encoder_heads is None:
+        preset = next((h for d, L, h in ENCODER_SIZES.values() if (d, L) == (dim, depth)), None)
+        encoder_heads = preset or dim // HEAD_DIM
+    if encoder_heads <= 0 or dim % encoder_heads:
+        raise CheckpointError(
+            f"encoder width {dim}: cannot tell its heads (width / {HEAD_DIM} does not divide "
+            "it); pass encoder_heads (--encoder-heads)"
+        )
+    cfg = ModelConfig(method=method, decoder_heads=decoder_heads or 16)
+    cfg.encoder = vit_name(dim, depth, encoder_heads)
     cfg.patch_size = state["encoder.patch_embed.proj.weight"].shape[-1]
     cfg.img_size = math.isqrt(state["encoder.pos_embed"].shape[1] - 1) * cfg.patch_size
     if "pixel_decoder.embed.weight" in state:
@@ -374,7 +391,46 @@ def infer_model_config(state: dict[str, Tensor], method: str, decoder_heads: int
     if "projector.0.weight" in state and "projector.3.weight" in state:
         cfg.proj_hidden_dim = state["projector.0.weight"].shape[0]
         cfg.proj_dim = state["projector.3.weight"].shape[0]
+    if cfg.decoder_dim % cfg.decoder_heads:
+        raise CheckpointError(
+            f"decoder width {cfg.decoder_dim} is not a multiple of {cfg.decoder_heads} heads; "
+            "pass decoder_heads (--decoder-heads)"
+        )
     return cfg
+
+
+def config_heads(ckpt: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(encoder heads, decoder heads) from a config dict inside an official checkpoint, None
+    where it has none: mmengine's ``meta.cfg`` / a ``config`` entry when it is a dict (mm ViT
+    ``backbone.arch`` dict ``num_heads``, or ``backbone.num_heads``; ``decoder_num_heads`` of
+    a neck / decoder), MAE's ``args`` when it carries ``num_heads`` / ``decoder_num_heads``.
+    A config saved as text (mmengine's pretty_text) is not parsed."""
+    found: dict[str, int] = {}
+
+    def walk(node: Any, parent: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(v, int) and not isinstance(v, bool):
+                    if k == "decoder_num_heads":
+                        found.setdefault("decoder", v)
+                    elif k == "num_heads" and parent in ("backbone", "arch"):
+                        found.setdefault("encoder", v)
+                walk(v, str(k))
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v, parent)
+
+    meta = ckpt.get("meta")
+    for cfg in (meta.get("cfg") if isinstance(meta, dict) else None, ckpt.get("config")):
+        if isinstance(cfg, dict):
+            walk(cfg, "")
+    args = ckpt.get("args")
+    if args is not None and not isinstance(args, (dict, str)):
+        args = vars(args) if hasattr(args, "__dict__") else None
+    if isinstance(args, dict):
+        walk({"backbone": {k: v for k, v in args.items() if k == "num_heads"}}, "")
+        walk({k: v for k, v in args.items() if k == "decoder_num_heads"}, "")
+    return found.get("encoder"), found.get("decoder")
 
 
 def _count_blocks(state: dict[str, Tensor], prefix: str) -> int:
@@ -401,6 +457,19 @@ def bgr_to_rgb_patch_embed(
     return new_w.to(weight.dtype), new_b.to(bias.dtype)
 
 
+def bgr_to_rgb_pixel_head(weight: Tensor, bias: Tensor, patch_size: int) -> tuple[Tensor, Tensor]:
+    """Pixel decoder output layer predicting R,G,B from one predicting the official B,G,R.
+
+    Its p*p*3 outputs per patch are channels-last (``patchify``: row, column, channel), so
+    output (i, j, c) takes the row of (i, j, 2 - c): a pure permutation, exact for the
+    prediction. (With ``norm_pix_loss`` the target is standardised per patch over all three
+    channels, so the official B,G,R target normalised with the R,G,B statistics is not a
+    permutation of ours: training on from an import sees a slightly different target.)
+    """
+    idx = torch.arange(patch_size * patch_size * 3).view(-1, 3).flip(1).reshape(-1)
+    return weight[idx].clone(), bias[idx].clone()
+
+
 class ImportResult(NamedTuple):
     model: CMAE
     config: Config
@@ -414,7 +483,8 @@ def load_official(
     layout: str,
     *,
     bgr_to_rgb: bool = False,
-    decoder_heads: int = 16,
+    decoder_heads: int | None = None,
+    encoder_heads: int | None = None,
     strict: bool = True,
 ) -> ImportResult:
     """An official MAE / CMAE checkpoint (path or loaded dict) as our CMAE model.
@@ -422,11 +492,22 @@ def load_official(
     ``strict``: any missing or unexpected key is an error listing them all. With
     ``strict=False`` (e.g. the encoder-only MAE release) the rest keeps its initial values, and
     a missing target branch starts as a copy of the online one, as at initialisation.
-    ``bgr_to_rgb``: rewrite the patch embedding so the model takes RGB (official CMAE quirk).
+    ``bgr_to_rgb``: rewrite the patch embeddings so the model takes RGB and the pixel
+    decoder's output so it predicts R,G,B (the official CMAE code fed B,G,R).
+    Any plain ViT size imports (``infer_model_config``); ``encoder_heads`` / ``decoder_heads``
+    override the heads a config dict inside the checkpoint gives (``config_heads``), which
+    override the rule (preset heads, else width / 64; decoders 16).
     """
-    state = _official_state(source, layout)
+    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
+    state = _official_state(ckpt, layout)
+    file_enc, file_dec = config_heads(ckpt) if isinstance(ckpt, dict) else (None, None)
     ours, origin, unexpected = rename_official(state, layout)
-    mcfg = infer_model_config(ours, "mae" if layout == "mae" else "cmae", decoder_heads)
+    mcfg = infer_model_config(
+        ours,
+        "mae" if layout == "mae" else "cmae",
+        decoder_heads or file_dec,
+        encoder_heads or file_enc,
+    )
     cfg = Config(model=mcfg)
     # keep the reference shift (32 px at 224, ~2 patches) relative to the image size
     cfg.data.max_shift = mcfg.img_size // 7
@@ -464,6 +545,9 @@ def load_official(
                 loaded[wk], loaded[bk] = bgr_to_rgb_patch_embed(
                     loaded[wk], loaded[bk], cfg.data.mean, cfg.data.std
                 )
+        wk, bk = "pixel_decoder.pred.weight", "pixel_decoder.pred.bias"
+        if wk in loaded and bk in loaded:
+            loaded[wk], loaded[bk] = bgr_to_rgb_pixel_head(loaded[wk], loaded[bk], mcfg.patch_size)
     if mcfg.method == "cmae":
         # a target branch the file lacks starts equal to the online one, as at initialisation
         for k in missing:
@@ -475,8 +559,7 @@ def load_official(
     return ImportResult(model, cfg, missing, unexpected, derived)
 
 
-def _official_state(source: str | Path | dict[str, Any], layout: str) -> dict[str, Tensor]:
-    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
+def _official_state(ckpt: Any, layout: str) -> dict[str, Tensor]:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{layout} import: expected a dict, got {type(ckpt).__name__}")
     wrapper = {"mae": "model", "cmae": "state_dict"}[layout]

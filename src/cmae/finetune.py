@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -42,8 +43,8 @@ def train_transform(
 ) -> Callable:
     """RandomResizedCrop + flip + RandAugment (timm) -> uint8 tensor. Normalisation and random
     erasing run batched on the device (``use_prefetcher=True`` leaves them out, as timm's GPU
-    prefetcher does)."""
-    return create_transform(
+    prefetcher does). RandAugment's posterize keeps at least 1 bit (``clamp_posterize``)."""
+    transform = create_transform(
         img_size,
         is_training=True,
         scale=CROP_SCALE,
@@ -55,6 +56,46 @@ def train_transform(
         std=std,
         use_prefetcher=True,
     )
+    clamp_posterize(transform)
+    return transform
+
+
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+MIN_POSTERIZE_BITS = 1  # Pillow >= 11 rejects 0 bits (ImageOps.posterize: bits in [1, 8])
+
+
+def clamp_posterize(transform: Callable) -> int:
+    """Make every posterize op of the RandAugment(s) in ``transform`` keep at least one bit;
+    returns how many ops were changed.
+
+    timm maps the magnitude to the bits kept: ``PosterizeIncreasing`` keeps 4 - int(m / 10 * 4),
+    0 bits at m = 10 (reached by ``rand-m9-mstd0.5``: N(9, 0.5) clipped at 10), and
+    ``Posterize`` keeps int(m / 10 * 4), 0 bits below m = 2.5. Pillow 13 rejects 0 bits (older
+    Pillow made the image black). Clamping to 1 bit keeps the op's meaning, the strongest
+    posterize at the top magnitude, and changes nothing where timm already kept >= 1 bit. Only
+    the built ops' ``level_fn`` is wrapped: timm itself is untouched.
+    """
+    changed = 0
+    for t in getattr(transform, "transforms", [transform]):
+        if not isinstance(t, RandAugment):
+            continue
+        for op in t.ops:
+            if op.name in POSTERIZE_OPS and not isinstance(op.level_fn, _AtLeastOneBit):
+                op.level_fn = _AtLeastOneBit(op.level_fn)
+                changed += 1
+    return changed
+
+
+class _AtLeastOneBit:
+    """A posterize level function whose bit count is clamped to ``MIN_POSTERIZE_BITS``
+    (a class, not a closure, so the transform still pickles into spawned data workers)."""
+
+    def __init__(self, level_fn: Callable) -> None:
+        self.level_fn = level_fn
+
+    def __call__(self, level: float, hparams: dict) -> tuple[int]:
+        (bits,) = self.level_fn(level, hparams)
+        return (max(MIN_POSTERIZE_BITS, bits),)
 
 
 def build_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int) -> Mixup | None:

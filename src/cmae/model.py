@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from functools import partial
 from typing import NamedTuple
 
@@ -36,7 +37,34 @@ ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_huge": (1280, 32, 16),
 }
 
+# any other plain ViT: "vit_{width}x{depth}h{heads}", e.g. vit_192x4h3 (what an imported
+# official checkpoint of a non-preset size is called)
+CUSTOM_VIT = re.compile(r"vit_(\d+)x(\d+)h(\d+)$")
+
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def vit_size(name: str) -> tuple[int, int, int] | None:
+    """(width, depth, heads) of a ViT size name (a preset or ``vit_{W}x{D}h{H}``); None for a
+    name that is neither (e.g. a ConvViT). A custom size that cannot be built is a ValueError."""
+    if name in ENCODER_SIZES:
+        return ENCODER_SIZES[name]
+    m = CUSTOM_VIT.match(name)
+    if m is None:
+        return None
+    dim, depth, heads = map(int, m.groups())
+    if min(dim, depth, heads) <= 0 or dim % heads or dim % 4:
+        raise ValueError(
+            f"{name}: width must be a multiple of the heads and of 4 (sin-cos position "
+            "embedding), all positive"
+        )
+    return dim, depth, heads
+
+
+def vit_name(dim: int, depth: int, heads: int) -> str:
+    """The preset name of a ViT shape, else its ``vit_{W}x{D}h{H}`` name."""
+    preset = next((n for n, size in ENCODER_SIZES.items() if size == (dim, depth, heads)), None)
+    return preset or f"vit_{dim}x{depth}h{heads}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +74,11 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     """Fixed 2-D sin-cos position embedding, [grid*grid (+1), dim]; the cls position is zeros.
 
-    Same layout as MAE: the first half of the channels encodes the column, the second the row.
+    Same layout as MAE: the first half of the channels encodes the column (x), the second the
+    row (y), each half [sin, cos] over dim / 4 frequencies. The official CMAE code (mmselfsup's
+    ``build_2d_sincos_position_embedding``) puts the halves the other way round (row first);
+    otherwise equal. Imported official weights keep theirs: the embeddings are state-dict
+    entries, copied as they are (``cmae.export.load_official``), never recomputed.
     """
     assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -220,11 +252,17 @@ class Decoder(nn.Module):
         return {"pos_embed", "mask_token"}
 
 
+HEAD_BN_EPS = 1e-6  # the official CMAE neck's BatchNorm1d eps (PyTorch's default is 1e-5)
+
+
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Projector / predictor: Linear -> BN -> ReLU -> Linear (no bias, no last BN)."""
+    """Projector / predictor: Linear -> BN -> ReLU -> Linear (no bias, no last BN), as the
+    official CMAE neck: BN eps 1e-6, Linear layers keep PyTorch's default init
+    (kaiming-uniform weights, uniform non-zero first bias; ``CMAE.initialize_weights`` leaves
+    them alone)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
+        nn.BatchNorm1d(hidden_dim, eps=HEAD_BN_EPS),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim, bias=False),
     )
@@ -318,10 +356,11 @@ class CMAE(nn.Module):
             self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def initialize_weights(self) -> None:
-        # MAE init: xavier-uniform Linear, zero biases, unit LayerNorm, tokens N(0, 0.02)
+        # MAE init: xavier-uniform Linear, zero biases, unit LayerNorm, tokens N(0, 0.02); the
+        # projector / predictor keep PyTorch's default init, as the official CMAE code does
         self.encoder.init_weights()
         for name, child in self.named_children():
-            if name != "encoder":
+            if name not in ("encoder", "projector", "predictor"):
                 child.apply(_init_module)
             if isinstance(child, Decoder):
                 nn.init.normal_(child.mask_token, std=0.02)
@@ -452,10 +491,12 @@ def _init_module(m: nn.Module) -> None:
 
 
 def make_encoder(name: str, img_size: int, patch_size: int, drop_path: float = 0.0) -> nn.Module:
-    """The encoder a size name describes: ``ViTEncoder`` (vit_*) or the hybrid ``ConvViT``
+    """The encoder a size name describes: ``ViTEncoder`` (a preset or ``vit_{W}x{D}h{H}``) or
+    the hybrid ``ConvViT``
     (convvit_*, cmae.convvit); both take ``(imgs, ids_keep, final_norm) -> [N, 1 + K, D]``."""
-    if name in ENCODER_SIZES:
-        dim, depth, heads = ENCODER_SIZES[name]
+    size = vit_size(name)
+    if size is not None:
+        dim, depth, heads = size
         return ViTEncoder(img_size, patch_size, dim, depth, heads, drop_path=drop_path)
     from cmae.convvit import ConvViT  # local: cmae.convvit imports this module's helpers
 

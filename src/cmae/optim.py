@@ -6,17 +6,36 @@ import math
 
 from torch import nn
 
+WD_EXEMPT = ("reference", "1d")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases, norm weights (any 1-D parameter) and the tokens /
-    position embeddings the model lists in ``no_weight_decay()``. Frozen parameters are left
-    out (the target branch, the fixed sin-cos embeddings)."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+
+def param_groups(model: nn.Module, weight_decay: float, exempt: str = "reference") -> list[dict]:
+    """AdamW groups [decayed, not decayed]. Frozen parameters are left out (the target branch,
+    the fixed sin-cos embeddings).
+
+    ``exempt="reference"`` (default): as the official CMAE recipe, whose ``custom_keys`` exempt
+    names containing ``ln``, ``bias``, ``pos_embed``, ``mask_token``, ``cls_token``: no decay
+    on biases, LayerNorm parameters (its ``ln*`` are our ``norm*``; matched by module type)
+    and the tokens / position embeddings in ``no_weight_decay()``; the projector / predictor
+    BatchNorm weights ARE decayed. ``exempt="1d"``: the MAE rule, no decay on any 1-D
+    parameter (BatchNorm weights too).
+    """
+    if exempt not in WD_EXEMPT:
+        raise ValueError(f"exempt must be one of {WD_EXEMPT}, got {exempt!r}")
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if exempt == "reference":
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, nn.LayerNorm):
+                skip |= {f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        if exempt == "1d":
+            exempted = p.ndim <= 1 or name in skip
+        else:
+            exempted = name in skip or name.endswith("bias")
+        (no_decay if exempted else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

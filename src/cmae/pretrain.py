@@ -313,7 +313,7 @@ def train(cfg: Config, stop: StopSignals) -> dict:
     # fused: one kernel for all parameters, on CPU too (faster than the per-parameter loop,
     # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.faults)
     optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=base_lr, betas=t.betas, fused=True
+        param_groups(model, t.weight_decay, t.wd_exempt), lr=base_lr, betas=t.betas, fused=True
     )
     steps_per_epoch = len(loader)
     total_steps = t.epochs * steps_per_epoch
