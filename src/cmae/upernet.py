@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from cmae.checkpoint import CheckpointError
 from cmae.convvit import CONVVIT_SIZES, ConvViT
 from cmae.encoders import EncoderWeights
-from cmae.model import ENCODER_SIZES, sincos_pos_embed
+from cmae.model import sincos_pos_embed, vit_size
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -410,7 +410,8 @@ def build_segmentor(
     rel_pos_bias: bool = False,
     layer_scale: float | None = None,
 ) -> UperNet:
-    """UperNet on the encoder ``weights`` (any ViT size or ConvViT) for ``crop_size`` inputs."""
+    """UperNet on the encoder ``weights`` (any ViT size, preset or ``vit_{W}x{D}h{H}``, or a
+    ConvViT) for ``crop_size`` inputs."""
     if weights.encoder in CONVVIT_SIZES:
         if rel_pos_bias or layer_scale is not None or out_indices is not None:
             raise ValueError(
@@ -421,7 +422,10 @@ def build_segmentor(
             weights.encoder, weights.patch_size, crop_size, drop_path
         )
     else:
-        dim, depth, heads = ENCODER_SIZES[weights.encoder]
+        size = vit_size(weights.encoder)
+        if size is None:
+            raise ValueError(f"unknown encoder {weights.encoder!r}")
+        dim, depth, heads = size
         backbone = ViTPyramid(
             dim,
             depth,
