@@ -331,3 +331,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown segment preset" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="data.stride"):
         load_segment_config(None, ["data.stride=100", "data.crop=64"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_reduce_one_confusion_matrix(tmp_path):
+    """``torchrun --nproc_per_node=2 -m cmae segment``: each rank evaluates half of the
+    validation images; the matrix in results.json counts every labelled pixel of the split."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import free_port
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "cmae", "segment"]
+    cmd += ["--checkpoint", "random", "--out", str(out), *SMALL, "iters=2", "warmup_iters=1"]
+    cmd += ["data.synthetic_val=5", "data.vis_images=0", "threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("cmae segment:") == 2  # rank 0 alone: the start and end lines
+    res = json.loads((out / "results.json").read_text())
+    val = GeneratedSegmentation(5, 32, seed=1)  # data.synthetic_seed + 1
+    labelled = sum(int((val.raw(i)[1] != IGNORE).sum()) for i in range(len(val)))
+    assert sum(map(sum, res["confusion"])) == labelled
