@@ -5,7 +5,7 @@
 
 JPEGs of ``--image-size`` (default 500x375, ImageNet's typical size and file size, ~100 KB at
 quality 90) are generated into a temporary directory at run time and deleted afterwards. The
-pipelines are cmae.pretrain's own (``build_views`` on the ``vit_base`` preset: decode ->
+pipelines are cmae.train.pretrain's own (``build_views`` on the ``vit_base`` preset: decode ->
 RandomResizedCrop to the 256 px master -> flip -> two 224 px windows -> colour jitter /
 grayscale / blur on the target -> uint8 tensors), timed
 
@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cmae import data as cmae_data
 from cmae.config import load_config
-from cmae.data import ImageFiles, load_image, load_rgb
-from cmae.pretrain import build_device_color, build_device_views, build_views
-from cmae.sampling import SeededSamples
-from cmae.views import collate_boxes
+from cmae.data import datasets as cmae_data
+from cmae.data.datasets import ImageFiles, load_image, load_rgb
+from cmae.data.pipeline import build_device_color, build_device_views, build_views
+from cmae.data.sampling import SeededSamples
+from cmae.data.views import collate_boxes
 
 
 def write_jpegs(root: Path, n: int, size: tuple[int, int], quality: int) -> float:

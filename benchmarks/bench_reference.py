@@ -6,7 +6,7 @@
 
 Each round runs, one after the other, the official step (``reference_step.py`` under
 ``--ref-python``: its model from its registry, ``train_step`` + momentum update) and cmae's
-(``bench_step.py``: ``cmae.pretrain.train_one_step``), each in a fresh process on the same
+(``bench_step.py``: ``cmae.train.pretrain.train_one_step``), each in a fresh process on the same
 preset, batch, threads and random inputs, and prints their JSON lines. The order alternates
 between rounds (official first in odd rounds), so a drift of the machine's speed hits both sides.
 A last line per (preset, mode) gives the per-round ratios cmae / official img/s, their median

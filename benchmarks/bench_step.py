@@ -9,14 +9,14 @@
     python benchmarks/bench_step.py --preset seg_vit_b16_512 --preset seg_vit_b16_256
                                                  # `cmae segment`: UperNet ViT-B/16, batch 2
 
-The step is ``cmae.pretrain.train_one_step``, the training loop's own step (with its non-finite
-guard), so what is measured is what ``cmae pretrain`` runs. Each (config, mode) runs in a fresh
-process (its own peak memory, allocator and thread pool). Per measurement: median step time of
-``--steps`` steps after ``--warmup`` steps, img/s, GFLOP per step (matmul + attention, counted by
-torch.utils.flop_counter on the eager model), achieved GFLOP/s, the dense matmul rate measured in
-the same process just before (fp32 2048^3 on CPU, the chosen dtype on CUDA), MFU = achieved /
-that peak, peak memory (CPU: the process's peak RSS; CUDA: peak allocated) and ``other_cpu``,
-the cores other processes used meanwhile (a shared machine's noise). A last line per
+The step is ``cmae.train.pretrain.train_one_step``, the training loop's own step (with its
+non-finite guard), so what is measured is what ``cmae pretrain`` runs. Each (config, mode) runs
+in a fresh process (its own peak memory, allocator and thread pool). Per measurement: median step
+time of ``--steps`` steps after ``--warmup`` steps, img/s, GFLOP per step (matmul + attention,
+counted by torch.utils.flop_counter on the eager model), achieved GFLOP/s, the dense matmul rate
+measured in the same process just before (fp32 2048^3 on CPU, the chosen dtype on CUDA), MFU =
+achieved / that peak, peak memory (CPU: the process's peak RSS; CUDA: peak allocated) and
+``other_cpu``, the cores other processes used meanwhile (a shared machine's noise). A last line per
 config compares the CMAE/MAE step-time ratio with their FLOP ratio. For the reference presets
 ``x_ref`` is img/s over the reference implementation's figure on the 2-core CPU (issue 7).
 
@@ -44,9 +44,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmae.config import load_config
-from cmae.model import build_model
-from cmae.optim import param_groups
-from cmae.pretrain import keep_freed_memory, train_one_step
+from cmae.models.cmae import build_model
+from cmae.runtime.device import keep_freed_memory
+from cmae.runtime.optim import param_groups
+from cmae.train.pretrain import train_one_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -159,10 +160,10 @@ def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
 
 def seg_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype | None, kind: str):
     """(step function, description) of one `cmae segment` training step of ``preset``."""
-    from cmae.encoders import load_encoder_weights
-    from cmae.finetune import layer_decay_groups
-    from cmae.segment import seg_loss
-    from cmae.upernet import build_segmentor
+    from cmae.eval.finetune import layer_decay_groups
+    from cmae.eval.segment import seg_loss
+    from cmae.interop.encoders import load_encoder_weights
+    from cmae.models.upernet import build_segmentor
 
     crop = SEG_PRESETS[preset][1]
     torch.manual_seed(0)
@@ -331,7 +332,8 @@ def main() -> None:
         "--malloc",
         choices=["keep", "default"],
         default="keep",
-        help="keep: cmae.pretrain.keep_freed_memory() as cmae pretrain does; default: glibc's",
+        help="keep: cmae.runtime.device.keep_freed_memory() as cmae pretrain does; "
+        "default: glibc's",
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)

@@ -4,8 +4,8 @@
     python benchmarks/check_loss.py --compile --against /tmp/before.json    # another, compared
 
 Builds the ``ref_tiny`` bench configuration (batch 16 by default), seeds everything, and runs
-``--steps`` steps of ``cmae.pretrain.train_one_step`` in MAE and CMAE mode; prints one JSON line
-per mode with the per-step losses and a checksum of the trained parameters. With ``--against``
+``--steps`` steps of ``cmae.train.pretrain.train_one_step`` in MAE and CMAE mode; prints one JSON
+line per mode with the per-step losses and a checksum of the trained parameters. With ``--against``
 it also prints the largest relative difference to a saved run and exits 1 above ``--rtol``.
 Run it with ``PYTHONPATH=<other checkout>/src`` to check code changes (it only uses APIs that
 are older than them). Under ``--compile`` inductor is told to draw random numbers as eager
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from cmae.config import load_config
-from cmae.model import build_model
-from cmae.optim import param_groups
-from cmae.pretrain import train_one_step
+from cmae.models.cmae import build_model
+from cmae.runtime.optim import param_groups
+from cmae.train.pretrain import train_one_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import BENCH_PRESETS, MODE_MASK  # noqa: E402

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from cmae.config import KnnConfig, load_eval_config
-from cmae.data import loader_workers
-from cmae.encoders import build_vit_encoder
-from cmae.knn import frozen_features, frozen_setup, knn_predict, topk_accuracy
+from cmae.data.datasets import loader_workers
+from cmae.eval.frozen import frozen_features, frozen_setup, topk_accuracy
+from cmae.eval.knn import knn_predict
+from cmae.interop.encoders import build_vit_encoder
 
 
 def knn_top1(bank, bank_y, q, q_y, num_classes: int, k: int, t: float) -> float:

@@ -135,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, args.repo)
-    import cmae.models  # noqa: F401  (the official package: registers its modules)
+    import cmae.models  # noqa: F401, I001  (the official package: registers its modules)
     from cmae.registry import MODELS
     from mmengine.optim import build_optim_wrapper
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cmae.config import load_config
-from cmae.model import build_model
+from cmae.models.cmae import build_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CIFAR_TAR = SHARED_DATA / "cifar10-jpeg.tar.gz"

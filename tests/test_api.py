@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from cmae import load_encoder
-from cmae.checkpoint import CheckpointError, save_checkpoint
 from cmae.config import ConfigError, to_dict
-from cmae.export import export_full, export_timm
-from cmae.views import normalize
+from cmae.data.views import normalize
+from cmae.interop.export import export_full, export_timm
+from cmae.runtime.checkpoint import CheckpointError, save_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -4,7 +4,7 @@ Finding (timm 1.0.31, torchvision 0.29.1, Pillow 13): the only out-of-range argu
 posterize with 0 bits, which Pillow rejects since version 11 (``ImageOps.posterize``: bits in
 [1, 8]). timm's ``PosterizeIncreasing`` keeps 0 bits at magnitude 10, reached by the fine-tuning
 default ``rand-m9-mstd0.5-inc1`` (N(9, 0.5) clipped at 10), and ``Posterize`` (``inc0``) keeps 0
-bits below magnitude 2.5. ``cmae.finetune.clamp_posterize`` keeps at least 1 bit. Every other
+bits below magnitude 2.5. ``cmae.eval.finetune.clamp_posterize`` keeps at least 1 bit. Every other
 RandAugment op, random erasing, mixup / cutmix, the pretraining target's colour jitter /
 grayscale / blur and the linear probe's crop + flip accept both ends of their ranges.
 """
@@ -20,14 +20,14 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cmae.finetune import (
+from cmae.data.views import crop_flip, eval_transform, target_color_transform
+from cmae.eval.finetune import (
     POSTERIZE_OPS,
     build_mixup,
     clamp_posterize,
     train_transform,
 )
-from cmae.linprobe import PROBE_CROP_RATIO, PROBE_CROP_SCALE
-from cmae.views import crop_flip, eval_transform, target_color_transform
+from cmae.eval.linprobe import PROBE_CROP_RATIO, PROBE_CROP_SCALE
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT = "rand-m9-mstd0.5-inc1"  # FinetuneConfig.rand_augment

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmae import data
 from cmae.config import load_config
-from cmae.data import DataError, load_rgb
-from cmae.pretrain import run
+from cmae.data import datasets as data
+from cmae.data.datasets import DataError, load_rgb
+from cmae.train.pretrain import run
 from tests.conftest import tiny_overrides
 
 

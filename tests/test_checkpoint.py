@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from cmae import checkpoint
-from cmae.checkpoint import (
+from cmae.config import load_config
+from cmae.runtime import checkpoint
+from cmae.runtime.checkpoint import (
     CheckpointError,
     RunCheckpoints,
     latest_checkpoint,
@@ -18,9 +19,8 @@ from cmae.checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
-from cmae.config import load_config
-from cmae.pretrain import run
-from cmae.resume import RESUME_KEYS, find_resume
+from cmae.train.pretrain import run
+from cmae.train.resume import RESUME_KEYS, find_resume
 from tests.conftest import tiny_overrides
 
 

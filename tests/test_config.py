@@ -1,6 +1,17 @@
 import pytest
+import yaml
 
-from cmae.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from cmae.config import (
+    Config,
+    ConfigError,
+    KnnConfig,
+    LinprobeConfig,
+    from_dict,
+    load_config,
+    load_eval_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 def test_overrides_parse_and_apply():
@@ -95,3 +106,32 @@ def test_defaults_are_the_reference_recipe():
 
 def test_parse_overrides_nesting():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text("extends: tiny\ntrain:\n  lr: 1e-3\n  blr: 1e6\n")
+    cfg = load_config(str(f), ["train.min_lr=1e-6"])
+    assert (cfg.train.lr, cfg.train.blr, cfg.train.min_lr) == (1e-3, 1e6, 1e-6)
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = load_config("quick", ["train.epochs=3", "data.crop_scale=[0.3,1]"])
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(str(f)) == cfg
+
+
+@pytest.mark.parametrize(
+    "cls,override,needle",
+    [
+        (KnnConfig, "encoder.pol=cls", "unknown config key 'encoder.pol'"),
+        (KnnConfig, "k=abc", "k: expected an integer"),
+        (KnnConfig, "data.mean=[1,2]", "data.mean: expected a list of 3 values"),
+        (LinprobeConfig, "blrs=5", "blrs: expected a non-empty list"),
+        (LinprobeConfig, "cache=2", "cache: expected true/false"),
+    ],
+)
+def test_eval_config_errors_name_the_key(cls, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_eval_config(cls, None, [override])

@@ -1,20 +1,22 @@
-"""The hybrid ConvViT encoder (cmae.convvit): masked convolution, stage shapes, the CMAE / MAE
-models built on it, EMA, fine-tuning, and the evaluation / export commands on a ConvViT run."""
+"""The hybrid ConvViT encoder (cmae.models.convvit): masked convolution, stage shapes, the
+CMAE / MAE models built on it, EMA, fine-tuning, and the evaluation / export commands on a
+ConvViT run."""
 
 import json
 
 import pytest
 import torch
 
-from cmae import convvit, load_encoder
-from cmae.checkpoint import CheckpointError
+from cmae import load_encoder
 from cmae.cli import main
 from cmae.config import ConfigError, load_config
-from cmae.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier, upsample_mask
-from cmae.encoders import EncoderWeights, build_classifier, load_encoder_weights
-from cmae.export import FORMAT_CONVVIT, export_encoder, export_timm, safetensors_metadata
-from cmae.finetune import freeze_for_partial, layer_decay_groups
-from cmae.model import build_encoder, build_model, unpatchify
+from cmae.eval.finetune import freeze_for_partial, layer_decay_groups
+from cmae.interop.encoders import EncoderWeights, build_classifier, load_encoder_weights
+from cmae.interop.export import FORMAT_CONVVIT, export_encoder, export_timm, safetensors_metadata
+from cmae.models import convvit
+from cmae.models.cmae import build_encoder, build_model, unpatchify
+from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier, upsample_mask
+from cmae.runtime.checkpoint import CheckpointError
 from tests.conftest import tiny_overrides
 
 CONVVIT = {"model.encoder": "convvit_tiny"}

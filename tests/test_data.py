@@ -4,9 +4,16 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from cmae import data as data_module
-from cmae.data import DataError, ImageFiles, SyntheticShapes, build_datasets, load_image, load_rgb
-from cmae.views import PixelShiftViews, eval_transform
+from cmae.data import datasets as data_module
+from cmae.data.datasets import (
+    DataError,
+    ImageFiles,
+    SyntheticShapes,
+    build_datasets,
+    load_image,
+    load_rgb,
+)
+from cmae.data.views import PixelShiftViews, eval_transform
 
 
 def test_synthetic_is_deterministic_and_labelled():
@@ -76,7 +83,7 @@ def test_build_datasets_splits(tmp_path):
 
 
 def test_loader_workers_capped_at_usable_cpus(monkeypatch):
-    from cmae import data
+    from cmae.data import datasets as data
 
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert [data.loader_workers(n) for n in (0, 1, 2, 8)] == [0, 1, 2, 2]

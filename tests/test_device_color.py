@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from cmae.pretrain import build_device_color, build_views, run, to_device
-from cmae.views import DeviceTargetColor, normalize, target_color_transform
+from cmae.data.pipeline import build_device_color, build_views, to_device
+from cmae.data.views import DeviceTargetColor, normalize, target_color_transform
+from cmae.train.pretrain import run
 
 
 def images(n=8, size=24, seed=0) -> torch.Tensor:

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from cmae.config import ConfigError, load_config
-from cmae.data import SyntheticShapes
-from cmae.pretrain import build_device_views, build_views, run
-from cmae.sampling import SeededSamples
-from cmae.views import CropBoxes, DeviceViews, PixelShiftViews, SingleView, collate_boxes
-from cmae.visualize import fixed_views
+from cmae.data.datasets import SyntheticShapes
+from cmae.data.pipeline import build_device_views, build_views
+from cmae.data.sampling import SeededSamples
+from cmae.data.views import CropBoxes, DeviceViews, PixelShiftViews, SingleView, collate_boxes
+from cmae.train.pretrain import run
+from cmae.viz.visualize import fixed_views
 from tests.conftest import tiny_overrides
 
 CPU = torch.device("cpu")

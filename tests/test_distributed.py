@@ -16,20 +16,21 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import cmae.model
-from cmae.checkpoint import load_checkpoint
+import cmae.models.cmae
 from cmae.config import ConfigError, from_dict, load_config
-from cmae.distributed import (
+from cmae.models.cmae import build_model
+from cmae.models.losses import gather_keys
+from cmae.runtime.checkpoint import load_checkpoint
+from cmae.runtime.device import resolve_amp
+from cmae.runtime.distributed import (
     build_sampler,
     local_batch_size,
     setup_distributed,
     teardown_distributed,
     wrap_model,
 )
-from cmae.losses import gather_keys
-from cmae.model import build_model
-from cmae.optim import param_groups
-from cmae.pretrain import resolve_amp, train_one_step
+from cmae.runtime.optim import param_groups
+from cmae.train.pretrain import train_one_step
 from tests.conftest import tiny_overrides
 
 WORLD = 2
@@ -48,7 +49,7 @@ def global_batch() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
     """The views of the global batch and its masks (drawn once, rows split across ranks)."""
     g = torch.Generator().manual_seed(7)
     views = [torch.randn(WORLD * B, 3, 16, 16, generator=g) for _ in range(2)]
-    masks = cmae.model.random_masking(WORLD * B, 4, 0.5, 1, generator=g)
+    masks = cmae.models.cmae.random_masking(WORLD * B, 4, 0.5, 1, generator=g)
     return views, masks
 
 
@@ -56,18 +57,18 @@ def global_batch() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
 def fixed_masks(masks: tuple[torch.Tensor, ...], start: int):
     """Each ``random_masking`` call takes the next rows of ``masks`` from row ``start``: the
     masks of a rank's (micro-)batches are then its rows of the global batch's masks."""
-    original, pos = cmae.model.random_masking, [start]
+    original, pos = cmae.models.cmae.random_masking, [start]
 
     def take(n, *args, **kwargs):
         rows = slice(pos[0], pos[0] + n)
         pos[0] += n
         return tuple(m[rows] for m in masks)
 
-    cmae.model.random_masking = take
+    cmae.models.cmae.random_masking = take
     try:
         yield
     finally:
-        cmae.model.random_masking = original
+        cmae.models.cmae.random_masking = original
 
 
 def one_step(method: str, rows: slice, accum_steps: int = 1) -> dict:
@@ -191,13 +192,13 @@ def test_accumulation_equals_one_large_batch_and_ema_runs_once(monkeypatch):
     ref = one_step("cmae", slice(0, WORLD * B))
     calls = {"forward": 0, "update_target": 0}
     for name in calls:
-        original = getattr(cmae.model.CMAE, name)
+        original = getattr(cmae.models.cmae.CMAE, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(cmae.model.CMAE, name, spy)
+        monkeypatch.setattr(cmae.models.cmae.CMAE, name, spy)
     acc = one_step("cmae", slice(0, WORLD * B), accum_steps=2)
     assert calls == {"forward": 2, "update_target": 1}
     d_loss = (acc["loss"] - ref["loss"]).abs().item()

@@ -10,7 +10,6 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from cmae import knn
 from cmae.cli import main
 from cmae.config import (
     ConfigError,
@@ -21,8 +20,9 @@ from cmae.config import (
     load_eval_config,
     to_dict,
 )
-from cmae.encoders import build_vit_encoder, load_encoder_weights
-from cmae.model import build_encoder
+from cmae.eval import knn
+from cmae.interop.encoders import build_vit_encoder, load_encoder_weights
+from cmae.models.cmae import build_encoder
 from tests.conftest import tiny_overrides
 
 # tiny built-in data: 16 px shapes, 40 train / 20 held-out images

@@ -6,10 +6,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cmae.checkpoint import CheckpointError, save_checkpoint
 from cmae.cli import main
 from cmae.config import ConfigError, from_dict, to_dict
-from cmae.export import (
+from cmae.interop.export import (
     FORMAT_FULL,
     FORMAT_TIMM,
     export_full,
@@ -17,7 +16,8 @@ from cmae.export import (
     load_model,
     safetensors_metadata,
 )
-from cmae.model import ViTEncoder
+from cmae.models.vit import ViTEncoder
+from cmae.runtime.checkpoint import CheckpointError, save_checkpoint
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_target_branch_export(ckpt, tmp_path, tiny_cfg, capsys):
         assert not torch.allclose(theirs, model.encoder.eval()(x), atol=1e-3)  # noised apart
     mae_cfg = tiny_cfg()
     mae_cfg.model.method = "mae"
-    from cmae.model import build_model
+    from cmae.models.cmae import build_model
 
     mae_path = tmp_path / "mae.pt"
     state = build_model(mae_cfg.model).state_dict()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cmae.encoders import EncoderWeights, build_timm_vit, build_vit_encoder
-from cmae.finetune import build_mixup, freeze_for_partial, layer_decay_groups, train_transform
-from cmae.model import build_encoder
+from cmae.eval.finetune import build_mixup, freeze_for_partial, layer_decay_groups, train_transform
+from cmae.interop.encoders import EncoderWeights, build_timm_vit, build_vit_encoder
+from cmae.models.cmae import build_encoder
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 ONE_ACTIVATION = """
 import ctypes, sys, torch
-from cmae.pretrain import keep_freed_memory
+from cmae.runtime.device import keep_freed_memory
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -20,11 +20,11 @@ import pytest
 import timm
 import torch
 
-from cmae.checkpoint import CheckpointError
 from cmae.cli import main
-from cmae.export import bgr_to_rgb_patch_embed, load_model, load_official
-from cmae.model import unpatchify
-from cmae.views import normalize
+from cmae.data.views import normalize
+from cmae.interop.export import bgr_to_rgb_patch_embed, load_model, load_official
+from cmae.models.cmae import unpatchify
+from cmae.runtime.checkpoint import CheckpointError
 from tests.test_export import timm_from_file
 
 D, DEPTH, P, GRID = 192, 12, 8, 4  # encoder width/depth, patch, grid -> 32 px

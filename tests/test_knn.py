@@ -5,14 +5,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cmae.knn import (
-    cached_features,
-    extract_features,
-    feature_cache_file,
-    knn_predict,
-    topk_accuracy,
-)
-from cmae.views import eval_transform
+from cmae.data.views import eval_transform
+from cmae.eval.frozen import cached_features, extract_features, feature_cache_file, topk_accuracy
+from cmae.eval.knn import knn_predict
 
 
 def clusters(n_per_class: int, num_classes: int = 5, dim: int = 16, seed: int = 0):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cmae.linprobe import LARS, ProbeHeads, evaluate_heads, feature_batches, train_heads
+from cmae.eval.linprobe import ProbeHeads, evaluate_heads, feature_batches, lars, train_heads
 
 
 def separable(n: int = 256, dim: int = 8, num_classes: int = 4, seed: int = 0):
@@ -61,15 +61,15 @@ def test_lars_step_matches_hand_computation():
     b = torch.randn(3, requires_grad=True)
     gw, gb = torch.randn(3, 4), torch.randn(3)
     w0, b0 = w.detach().clone(), b.detach().clone()
-    opt = LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    opt = lars([{"params": [w, b], "lr": 0.5}])
     for _ in range(2):
         w.grad, b.grad = gw.clone(), gb.clone()
         opt.step()
-    # reference: two steps by hand (matrix: decay + trust ratio; bias: plain momentum SGD)
+    # reference: two steps of MAE's LARS by hand, no weight decay as in the probe (matrix: trust
+    # ratio 0.001 * |w| / |g|; bias: plain momentum SGD)
     rw, rb, mw, mb = w0.clone(), b0.clone(), torch.zeros_like(w0), torch.zeros_like(b0)
     for _ in range(2):
-        u = gw + 0.1 * rw
-        u = u * (0.01 * rw.norm() / u.norm())
+        u = gw * (0.001 * rw.norm() / gw.norm())
         mw = 0.9 * mw + u
         rw = rw - 0.5 * mw
         mb = 0.9 * mb + gb

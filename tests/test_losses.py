@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmae.losses import info_nce, masked_pixel_loss
+from cmae.models.losses import info_nce, masked_pixel_loss
 
 
 def info_nce_loop(q, k, tau):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cmae.model import patchify, random_masking, unpatchify
+from cmae.models.cmae import patchify, random_masking, unpatchify
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ import timm
 import torch
 
 from cmae.config import load_config
-from cmae.model import ENCODER_SIZES, build_encoder, build_model
+from cmae.models.cmae import build_encoder, build_model
+from cmae.models.vit import ENCODER_SIZES
 
 
 def inputs(n=4, size=16, seed=0):

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from cmae.checkpoint import load_checkpoint, nonfinite_tensors, periodic_checkpoints
 from cmae.config import load_config
-from cmae.faults import BadSteps, NonFiniteError
-from cmae.model import CMAE
-from cmae.optim import param_groups
-from cmae.pretrain import run, train_one_step
-from cmae.views import normalize
+from cmae.data.views import normalize
+from cmae.models.cmae import CMAE
+from cmae.runtime.checkpoint import load_checkpoint, nonfinite_tensors, periodic_checkpoints
+from cmae.runtime.optim import param_groups
+from cmae.train.faults import BadSteps, NonFiniteError
+from cmae.train.pretrain import run, train_one_step
 from tests.conftest import tiny_overrides
 
 

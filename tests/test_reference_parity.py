@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
-from cmae.export import load_official, rename_official
-from cmae.model import CMAE, sincos_pos_embed
-from cmae.optim import param_groups
+from cmae.interop.export import load_official, rename_official
+from cmae.models.cmae import CMAE
+from cmae.models.vit import sincos_pos_embed
+from cmae.runtime.optim import param_groups
 from tests.test_import import cmae_shapes, synthetic
 
 # mmengine paramwise_cfg custom_keys of the official pretraining config (decay_mult=0); a key

@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from cmae.checkpoint import CheckpointError, load_checkpoint, periodic_name, save_checkpoint
 from cmae.config import ConfigError, load_config
-from cmae.resume import find_resume
+from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, periodic_name, save_checkpoint
+from cmae.train.resume import find_resume
 
 
 class Exploit:

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from cmae.model import CMAE
-from cmae.optim import cosine_lr, momentum_at, param_groups
+from cmae.models.cmae import CMAE
+from cmae.runtime.optim import cosine_lr, momentum_at, param_groups
 
 
 def test_cosine_lr_warmup_and_decay():

@@ -9,11 +9,8 @@ from PIL import Image
 
 from cmae.cli import main
 from cmae.config import ConfigError, load_segment_config
-from cmae.data import DataError
-from cmae.encoders import EncoderWeights, load_encoder_weights
-from cmae.finetune import layer_decay_groups
-from cmae.model import ViTEncoder
-from cmae.seg_data import (
+from cmae.data.datasets import DataError
+from cmae.data.segmentation import (
     IGNORE,
     GeneratedSegmentation,
     SegFolder,
@@ -21,7 +18,8 @@ from cmae.seg_data import (
     reduce_zero_label,
     segmentation_splits,
 )
-from cmae.segment import (
+from cmae.eval.finetune import layer_decay_groups
+from cmae.eval.segment import (
     confusion_matrix,
     evaluate,
     lr_at,
@@ -29,12 +27,14 @@ from cmae.segment import (
     seg_metrics,
     slide_logits,
 )
-from cmae.upernet import (
+from cmae.interop.encoders import EncoderWeights, load_encoder_weights
+from cmae.models.upernet import (
     ViTPyramid,
     build_segmentor,
     default_out_indices,
     resample_pos_embed,
 )
+from cmae.models.vit import ViTEncoder
 
 # a 4-block ViT of width 32 (patch 4): the smallest encoder with 4 pyramid taps
 DIM, DEPTH, HEADS = 32, 4, 2

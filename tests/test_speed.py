@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cmae.optim import param_groups
-from cmae.pretrain import train_one_step
-from cmae.views import normalize
+from cmae.data.views import normalize
+from cmae.runtime.optim import param_groups
+from cmae.train.pretrain import train_one_step
 
 
 def views(seed: int) -> list[torch.Tensor]:

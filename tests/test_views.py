@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from cmae.views import (
+from cmae.data.views import (
     TENSOR_RESIZE_MIN,
     PixelShiftViews,
     SingleView,

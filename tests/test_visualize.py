@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cmae.checkpoint import save_checkpoint
 from cmae.cli import main
 from cmae.config import to_dict
-from cmae.data import SyntheticShapes
-from cmae.model import patchify
-from cmae.plot import PLOT_SIZE, MissingDependencyError, plot_run, write_summary
-from cmae.visualize import (
+from cmae.data.datasets import SyntheticShapes
+from cmae.models.cmae import patchify
+from cmae.runtime.checkpoint import save_checkpoint
+from cmae.viz.plot import PLOT_SIZE, MissingDependencyError, plot_run, write_summary
+from cmae.viz.visualize import (
     COLUMNS,
     HEADER,
     RunVisuals,

@@ -1,9 +1,10 @@
 """cmae: Contrastive Masked Autoencoders for self-supervised ViT pretraining."""
 
-from cmae.api import Encoder, load_encoder
 from cmae.config import Config, ConfigError, load_config
-from cmae.export import load_model, load_official
-from cmae.model import CMAE, CMAEOutput, ViTEncoder, build_encoder, build_model
+from cmae.interop.api import Encoder, load_encoder
+from cmae.interop.export import load_model, load_official
+from cmae.models.cmae import CMAE, CMAEOutput, build_encoder, build_model
+from cmae.models.vit import ViTEncoder
 
 __version__ = "0.1.0"
 __all__ = [

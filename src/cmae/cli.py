@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from cmae.checkpoint import CheckpointError
 from cmae.config import (
     ConfigError,
     FinetuneConfig,
@@ -16,14 +15,17 @@ from cmae.config import (
     load_eval_config,
     load_segment_config,
 )
-from cmae.data import DataError
-from cmae.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
-from cmae.plot import MissingDependencyError
+from cmae.data.datasets import DataError
+from cmae.eval import finetune, knn, linprobe, segment
+from cmae.interop import export
+from cmae.runtime.checkpoint import CheckpointError
+from cmae.train import pretrain
+from cmae.train.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
+from cmae.viz.plot import MissingDependencyError, plot_run
+from cmae.viz.visualize import visualize_files
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from cmae import pretrain
-
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
@@ -33,16 +35,18 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 EVAL_COMMANDS = {
-    "knn": (KnnConfig, "weighted k-NN top-1/top-5 of frozen features"),
-    "linprobe": (LinprobeConfig, "linear probe on the frozen encoder (fast or MAE protocol)"),
-    "finetune": (FinetuneConfig, "end-to-end fine-tuning (MAE recipe)"),
+    "knn": (KnnConfig, knn, "weighted k-NN top-1/top-5 of frozen features"),
+    "linprobe": (
+        LinprobeConfig,
+        linprobe,
+        "linear probe on the frozen encoder (fast or MAE protocol)",
+    ),
+    "finetune": (FinetuneConfig, finetune, "end-to-end fine-tuning (MAE recipe)"),
 }
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    import importlib
-
-    cls = EVAL_COMMANDS[args.command][0]
+    cls, command = EVAL_COMMANDS[args.command][:2]
     # JSON-quoted: a path is a string even where YAML would read it as a number or a bool
     overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
     if args.data is not None:
@@ -50,12 +54,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.out is not None:
         overrides.append(f"out={json.dumps(args.out)}")
     cfg = load_eval_config(cls, args.config, overrides + list(args.overrides))
-    importlib.import_module(f"cmae.{args.command}").run(cfg)
+    command.run(cfg)
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from cmae import segment
-
     overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
     if args.data is not None:
         overrides.append(f"data.path={json.dumps(args.data)}")
@@ -90,14 +92,12 @@ def _add_segment_command(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from cmae import export
-
     if args.format == "timm":
         path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
         if fmt == export.FORMAT_CONVVIT:
             print(
                 f"wrote {path} ({fmt}): a ConvViT encoder is not a timm VisionTransformer, so "
-                "this is its own state dict (cmae names); load it with cmae.api.load_encoder "
+                "this is its own state dict (cmae names); load it with cmae.load_encoder "
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
             return
@@ -115,8 +115,6 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _import_official(args: argparse.Namespace) -> None:
-    from cmae import export
-
     result = export.load_official(
         args.file,
         args.layout,
@@ -131,8 +129,6 @@ def _import_official(args: argparse.Namespace) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from cmae.visualize import visualize_files
-
     path = visualize_files(
         args.checkpoint, args.images, args.out, args.max_images, args.seed, args.tile
     )
@@ -140,8 +136,6 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from cmae.plot import plot_run
-
     print(f"wrote {plot_run(args.run_dir, args.out)}")
 
 
@@ -236,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, e.g. train.epochs=5 model.mask_ratio=0.75",
     )
     p.set_defaults(func=_pretrain)
-    for name, (_, help_text) in EVAL_COMMANDS.items():
+    for name, (_, _, help_text) in EVAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument(
             "--checkpoint",

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cmae.data import DataError
+from cmae.data.datasets import DataError
 
 PLOT_SIZE = (1200, 800)  # px of curves.png
 LOSSES = (("loss", "total"), ("loss_pixel", "pixel"), ("loss_contrast", "contrastive"))

@@ -4,8 +4,8 @@ Three sources: a ``cmae pretrain`` checkpoint (``checkpoint.pt``: the ``encoder.
 model plus the config that built it), an exported ``encoder.safetensors`` (timm key names), or
 ``"random"`` (a fresh encoder of a pretraining preset, the baseline). ViT weights always use
 timm ``VisionTransformer`` names, so both builders load them with ``strict`` key checks. A
-hybrid ConvViT (cmae.convvit), which timm has no model for, keeps its own names; it is built as
-our ``ConvViT`` and fine-tuned as a ``ConvViTClassifier``.
+hybrid ConvViT (cmae.models.convvit), which timm has no model for, keeps its own names; it is
+built as our ``ConvViT`` and fine-tuned as a ``ConvViTClassifier``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cmae.checkpoint import CheckpointError, load_checkpoint
-from cmae.config import ConfigError, ModelConfig, load_config, merge, to_dict
-from cmae.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
-from cmae.model import ENCODER_SIZES, ViTEncoder, build_encoder, vit_size
+from cmae.config import ConfigError, ModelConfig, compose, load_config, to_dict
+from cmae.models.cmae import build_encoder
+from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
+from cmae.models.vit import ENCODER_SIZES, ViTEncoder, vit_size
+from cmae.runtime.checkpoint import CheckpointError, load_checkpoint
 
 
 class EncoderWeights(NamedTuple):
@@ -61,9 +62,8 @@ def load_encoder_weights(checkpoint: str, preset: str = "quick", seed: int = 0) 
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a cmae pretraining checkpoint (needs model, config)")
-    model_cfg = ModelConfig()
     try:
-        merge(model_cfg, ckpt["config"]["model"], prefix="model.")
+        model_cfg = compose(ModelConfig, [("", ckpt["config"]["model"])], prefix="model.")
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from e
     prefix = "encoder."

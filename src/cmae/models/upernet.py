@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,9 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
-from cmae.checkpoint import CheckpointError
-from cmae.convvit import CONVVIT_SIZES, ConvViT
-from cmae.encoders import EncoderWeights
-from cmae.model import sincos_pos_embed, vit_size
+from cmae.models.convvit import CONVVIT_SIZES, ConvViT
+from cmae.models.vit import sincos_pos_embed, vit_size
+from cmae.runtime.checkpoint import CheckpointError
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -159,7 +159,7 @@ class ViTPyramid(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
-    def load(self, weights: EncoderWeights) -> None:
+    def load(self, weights: Any) -> None:
         """Pretrained weights (timm names); the position embedding resampled (bicubic, timm)
         from the pretraining grid to the crop's, bit-exact when the grids agree. Only layer scale
         and the relative position tables are fresh; only the final norm is left out."""
@@ -239,7 +239,7 @@ class ConvViTPyramid(nn.Module):
     def depth(self) -> int:
         return len(self.encoder.blocks)
 
-    def load(self, weights: EncoderWeights) -> None:
+    def load(self, weights: Any) -> None:
         state = dict(weights.state)
         # the fixed sin-cos embedding, recomputed for the crop's grid
         pe = self.encoder.pos_embed
@@ -398,7 +398,7 @@ class UperNet(nn.Module):
 
 
 def build_segmentor(
-    weights: EncoderWeights,
+    weights: Any,
     num_classes: int,
     crop_size: int,
     channels: int = 768,
@@ -410,8 +410,8 @@ def build_segmentor(
     rel_pos_bias: bool = False,
     layer_scale: float | None = None,
 ) -> UperNet:
-    """UperNet on the encoder ``weights`` (any ViT size, preset or ``vit_{W}x{D}h{H}``, or a
-    ConvViT) for ``crop_size`` inputs."""
+    """UperNet on the encoder ``weights`` (``cmae.interop.encoders.EncoderWeights``: any ViT
+    size, preset or ``vit_{W}x{D}h{H}``, or a ConvViT) for ``crop_size`` inputs."""
     if weights.encoder in CONVVIT_SIZES:
         if rel_pos_bias or layer_scale is not None or out_indices is not None:
             raise ValueError(

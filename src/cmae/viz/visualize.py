@@ -18,10 +18,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cmae.data import DataError, list_images
-from cmae.model import CMAE, patchify, random_masking, unpatchify
-from cmae.plot import MissingDependencyError
-from cmae.views import DeviceViews, collate_boxes, normalize
+from cmae.data.datasets import DataError, list_images
+from cmae.data.pipeline import build_views
+from cmae.data.views import DeviceViews, collate_boxes, normalize
+from cmae.interop.export import load_model
+from cmae.models.cmae import CMAE, patchify, random_masking, unpatchify
+from cmae.viz.plot import MissingDependencyError
 
 # original | masked input | reconstruction | reconstruction with the visible patches pasted back
 # | pixel-shifted target view (short: the labels must fit a 48 px tile)
@@ -176,9 +178,6 @@ def visualize_files(
     S + shift, online window at (0, 0), target window shifted and colour-augmented as in
     pretraining.
     """
-    from cmae.export import load_model
-    from cmae.pretrain import build_views  # local: pretrain imports this module
-
     model, cfg = load_model(ckpt)
     view_cfg = copy.deepcopy(cfg)
     view_cfg.data.crop_scale, view_cfg.data.crop_ratio = (1.0, 1.0), (1.0, 1.0)

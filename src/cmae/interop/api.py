@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cmae.checkpoint import CheckpointError
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD, load_config
-from cmae.convvit import ConvViT
-from cmae.encoders import build_vit_encoder, load_encoder_weights
-from cmae.export import FORMAT_FULL, load_model, safetensors_metadata
-from cmae.model import ViTEncoder
-from cmae.views import normalize
+from cmae.data.views import normalize
+from cmae.interop.encoders import build_vit_encoder, load_encoder_weights
+from cmae.interop.export import FORMAT_FULL, load_model, safetensors_metadata
+from cmae.models.convvit import ConvViT
+from cmae.models.vit import ViTEncoder
+from cmae.runtime.checkpoint import CheckpointError
 
 POOLS = ("cls", "mean", "tokens")
 

@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmae.config import ConfigError, FinetuneConfig, to_dict
-from cmae.convvit import ConvViTClassifier
-from cmae.data import labelled_splits, loader_workers
-from cmae.encoders import build_classifier, load_encoder_weights
-from cmae.knn import eval_normalization, topk_accuracy, write_results
-from cmae.optim import cosine_lr
-from cmae.pretrain import keep_freed_memory, resolve_device, seed_everything
-from cmae.views import eval_transform, normalize
+from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.views import eval_transform, normalize
+from cmae.eval.frozen import eval_normalization, topk_accuracy, write_results
+from cmae.interop.encoders import build_classifier, load_encoder_weights
+from cmae.models.convvit import ConvViTClassifier
+from cmae.runtime.device import keep_freed_memory, resolve_device, seed_everything
+from cmae.runtime.optim import cosine_lr
 
 BETAS = (0.9, 0.999)
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop, timm / MAE default

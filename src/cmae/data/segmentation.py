@@ -12,7 +12,7 @@ square whose most frequent class covers under ``cat_max_ratio`` of its labelled 
 tries), horizontal flip, photometric distortion, normalisation, padding to the crop (image 0
 after normalisation, labels ``IGNORE``). Validation: rescale to fit ``scale`` (short side 512,
 long side at most 2048), labels at the original size. Each training sample's randomness is
-seeded from (seed, epoch, index) (``cmae.sampling.sample_seed``), so a resumed run draws the
+seeded from (seed, epoch, index) (``cmae.data.sampling.sample_seed``), so a resumed run draws the
 same crops.
 """
 
@@ -28,8 +28,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cmae.data import SHAPE_CLASSES, DataError, load_image, render_shape_mask
-from cmae.sampling import sample_seed
+from cmae.data.datasets import SHAPE_CLASSES, DataError, load_image, render_shape_mask
+from cmae.data.sampling import sample_seed
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -1,5 +1,6 @@
 """``cmae segment``: semantic segmentation with UperNet on a pretrained encoder (the MAE / CMAE
-ADE20K protocol; ``cmae.upernet`` for the model, ``cmae.seg_data`` for the data).
+ADE20K protocol; ``cmae.models.upernet`` for the model, ``cmae.data.segmentation`` for the
+data).
 
 AdamW with the fine-tuning code's layer-wise lr decay groups, linear warmup from lr x 1e-6 then
 poly decay per iteration, cross-entropy with the ignore index on the logits upsampled to the
@@ -28,10 +29,23 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from cmae.checkpoint import RunCheckpoints, remove_stale_temps
 from cmae.config import ConfigError, SegmentConfig, to_dict
-from cmae.data import loader_workers
-from cmae.distributed import (
+from cmae.data.datasets import loader_workers
+from cmae.data.sampling import EpochSampler
+from cmae.data.segmentation import (
+    IGNORE,
+    SegTrainSet,
+    SegValSet,
+    TrainPipeline,
+    segmentation_splits,
+)
+from cmae.eval.finetune import layer_decay_groups
+from cmae.eval.frozen import eval_normalization
+from cmae.interop.encoders import load_encoder_weights
+from cmae.models.upernet import UperNet, build_segmentor
+from cmae.runtime.checkpoint import RunCheckpoints, remove_stale_temps
+from cmae.runtime.device import keep_freed_memory, resolve_amp, resolve_device, seed_everything
+from cmae.runtime.distributed import (
     build_sampler,
     is_distributed,
     is_main,
@@ -41,15 +55,8 @@ from cmae.distributed import (
     world_size,
     wrap_model,
 )
-from cmae.encoders import load_encoder_weights
-from cmae.faults import Preempted, StopSignals, ignore_stop_signals
-from cmae.finetune import layer_decay_groups
-from cmae.knn import eval_normalization
-from cmae.pretrain import keep_freed_memory, resolve_amp, resolve_device, seed_everything
-from cmae.resume import find_resume, restore_training, training_state
-from cmae.sampling import EpochSampler
-from cmae.seg_data import IGNORE, SegTrainSet, SegValSet, TrainPipeline, segmentation_splits
-from cmae.upernet import UperNet, build_segmentor
+from cmae.train.faults import Preempted, StopSignals, ignore_stop_signals
+from cmae.train.resume import find_resume, restore_training, training_state
 
 WARMUP_START = 1e-6  # the warmup's first lr factor (mmengine LinearLR start_factor)
 

@@ -5,9 +5,10 @@ Export formats (safetensors, metadata says which):
 - ``timm``: the online encoder with timm ``VisionTransformer`` key names (a key filter, since our
   encoder names equal timm's), position embeddings resampled when a new image size is asked for.
   ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=FILE))`` loads it.
-- ``cmae.ConvViT``: what the ``timm`` export writes for a hybrid ConvViT encoder (cmae.convvit),
-  which is not a timm ``VisionTransformer``: the encoder's own state dict and names, for
-  ``cmae.api.load_encoder`` and the evaluation commands.
+- ``cmae.ConvViT``: what the ``timm`` export writes for a hybrid ConvViT encoder
+  (cmae.models.convvit), which is not a timm ``VisionTransformer``: the encoder's own state
+  dict and names, for
+  ``cmae.interop.api.load_encoder`` and the evaluation commands.
 - ``full``: every tensor of the model (decoders, projector/predictor, target branch, BN buffers)
   plus the config as JSON metadata and a YAML file beside it, so pretraining can go on.
 
@@ -38,10 +39,11 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from cmae.checkpoint import CheckpointError, _atomic_write, load_checkpoint, save_checkpoint
 from cmae.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
-from cmae.convvit import CONVVIT_SIZES
-from cmae.model import CMAE, ENCODER_SIZES, build_model, sincos_pos_embed, vit_name, vit_size
+from cmae.models.cmae import CMAE, build_model
+from cmae.models.convvit import CONVVIT_SIZES
+from cmae.models.vit import ENCODER_SIZES, sincos_pos_embed, vit_name, vit_size
+from cmae.runtime.checkpoint import CheckpointError, _atomic_write, load_checkpoint, save_checkpoint
 
 FORMAT_TIMM = "timm.VisionTransformer"
 FORMAT_CONVVIT = "cmae.ConvViT"
@@ -163,7 +165,7 @@ def export_encoder(
 
     A ViT becomes a timm ``VisionTransformer`` file (``FORMAT_TIMM``, see ``export_timm``). A
     ConvViT has no timm model: its own state dict and names are written (``FORMAT_CONVVIT``,
-    loaded by ``cmae.api.load_encoder`` and ``cmae knn / linprobe / finetune``).
+    loaded by ``cmae.interop.api.load_encoder`` and ``cmae knn / linprobe / finetune``).
     """
     state, cfg = load_pretraining_state(ckpt)
     out = _write_encoder(state, cfg, out, img_size, branch, ckpt)

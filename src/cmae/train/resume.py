@@ -3,7 +3,7 @@
 A training checkpoint holds the model (online + target), the optimizer, the grad scaler, the
 step (the schedules and the sampler position follow from it) and every rank's RNG states
 (python, numpy, torch CPU and CUDA). The data needs none: each sample's augmentation is seeded
-from (seed, epoch, index) (``cmae.sampling``). Together a run stopped at any step and resumed
+from (seed, epoch, index) (``cmae.data.sampling``). Together a run stopped at any step and resumed
 ends bitwise equal to an uninterrupted one (CPU; on GPU with ``train.deterministic``).
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cmae.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, warn
+from cmae.runtime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, warn
 
 RESUME_KEYS = ("model", "optimizer", "step", "rng", "config")
 

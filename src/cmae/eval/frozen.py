@@ -1,8 +1,6 @@
-"""``cmae knn``: weighted k-nearest-neighbour evaluation of frozen features (InstDisc / DINO).
-
-Also the frozen-feature pieces the linear probe reuses: extraction (cls token or mean-pooled
-patch tokens) and an on-disk feature cache keyed by the exact weights and data.
-"""
+"""Frozen-encoder features, shared by the evaluation commands: extraction (cls token or
+mean-pooled patch tokens), an on-disk feature cache keyed by the exact weights and data, the
+setup kNN and the linear probe share, top-k accuracy and the results files."""
 
 from __future__ import annotations
 
@@ -17,14 +15,11 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cmae.config import IMAGENET_MEAN, IMAGENET_STD, KnnConfig, to_dict
-from cmae.data import labelled_splits, loader_workers
-from cmae.encoders import EncoderWeights, build_vit_encoder, load_encoder_weights
-from cmae.views import eval_transform, normalize
-
-# queries per similarity block: 1024 x 50k float32 = 200 MB, so a 50k bank x 10k queries fits
-KNN_CHUNK = 1024
+from cmae.config import IMAGENET_MEAN, IMAGENET_STD
+from cmae.data.datasets import labelled_splits
+from cmae.data.views import eval_transform, normalize
+from cmae.interop.encoders import EncoderWeights, load_encoder_weights
+from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 @torch.no_grad()
@@ -61,66 +56,11 @@ def pool_tokens(x: Tensor, pool: str) -> Tensor:
     return x[:, 1:].mean(dim=1) if pool == "mean" else x[:, 0]
 
 
-@torch.no_grad()
-def knn_predict(
-    bank: Tensor,
-    bank_labels: Tensor,
-    queries: Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = KNN_CHUNK,
-) -> Tensor:
-    """Class scores [Nq, C]: each of the k most cosine-similar bank items votes exp(sim / T)
-    for its label. Queries are processed in chunks so Nq x Nbank never sits in memory at once."""
-    k = min(k, bank.shape[0])
-    scores = []
-    for start in range(0, queries.shape[0], chunk):
-        sim = queries[start : start + chunk] @ bank.t()  # [c, Nbank]
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=sim.device)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores)
-
-
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
     """Top-k accuracies in percent."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return [100.0 * hits[:, :k].any(dim=1).sum().item() / len(labels) for k in ks]
-
-
-def knn_eval(
-    encoder: nn.Module,
-    bank_set: Dataset,
-    query_set: Dataset,
-    device: torch.device,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    k: int = 20,
-    temperature: float = 0.07,
-    pool: str = "mean",
-    num_workers: int = 0,
-) -> dict:
-    """Extract features of both sets and return {"top1", "top5"} (percent)."""
-    bank, bank_y = extract_features(
-        encoder, bank_set, device, mean, std, pool, num_workers=num_workers
-    )
-    q, q_y = extract_features(encoder, query_set, device, mean, std, pool, num_workers=num_workers)
-    num_classes = int(max(bank_y.max(), q_y.max())) + 1
-    scores = knn_predict(bank, bank_y, q, num_classes, k, temperature)
-    top1, top5 = topk_accuracy(scores, q_y)
-    return {
-        "top1": top1,
-        "top5": top5,
-        "k": k,
-        "temperature": temperature,
-        "pool": pool,
-        "n_bank": len(bank_y),
-        "n_query": len(q_y),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +153,6 @@ def write_results(out_dir: Path, results: dict, config: dict) -> None:
     (out_dir / "results.json").write_text(json.dumps({**results, "config": config}, indent=2))
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 class FrozenSetup(NamedTuple):
     weights: EncoderWeights
     mean: tuple[float, ...]
@@ -238,44 +175,3 @@ def frozen_setup(cfg) -> FrozenSetup:  # cfg: KnnConfig or LinprobeConfig
     cache_dir = Path(cfg.cache_dir or Path(cfg.out) / "features") if cfg.cache else None
     key = features_key(weights, d.path, d.synthetic(), d.crop_pct, mean, std, cfg.encoder.pool)
     return FrozenSetup(weights, mean, std, view, train_set, val_set, classes, cache_dir, key)
-
-
-def run(cfg: KnnConfig) -> dict:
-    from cmae.pretrain import resolve_device  # local: pretrain imports this module
-
-    d, pool, out_dir = cfg.data, cfg.encoder.pool, Path(cfg.out)
-    device = resolve_device(cfg.device)
-    weights, mean, std, _, train_set, val_set, classes, cache_dir, key = frozen_setup(cfg)
-    encoder = build_vit_encoder(weights).to(device)
-    bank, bank_y, q, q_y = frozen_features(
-        encoder,
-        train_set,
-        val_set,
-        device,
-        mean,
-        std,
-        pool,
-        cfg.batch_size,
-        loader_workers(d.num_workers),
-        cache_dir,
-        key,
-    )
-    bank, q = F.normalize(bank, dim=1).to(device), F.normalize(q, dim=1).to(device)
-    scores = knn_predict(bank, bank_y.to(device), q, len(classes), cfg.k, cfg.temperature)
-    top1, top5 = topk_accuracy(scores.cpu(), q_y)
-    results = {
-        "top1": top1,
-        "top5": top5,
-        "n_train": len(bank_y),
-        "n_val": len(q_y),
-        "num_classes": len(classes),
-        "mean": mean,
-        "std": std,
-    }
-    write_results(out_dir, results, to_dict(cfg))
-    print(
-        f"cmae knn: top-1 {top1:.2f}%  top-5 {top5:.2f}%  (k={cfg.k}, T={cfg.temperature}, "
-        f"{pool} pool, {len(bank_y)} train / {len(q_y)} val images, "
-        f"{cfg.encoder.checkpoint}); wrote {out_dir / 'results.json'}"
-    )
-    return results

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cmae.data import DataError
+from cmae.data.datasets import DataError
 
 MAX_SUBSTITUTES = 10  # replacements tried for one unreadable sample before giving up
 

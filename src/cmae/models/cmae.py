@@ -8,94 +8,26 @@ encoder and pixel decoder, which is plain MAE in the same code.
 
 Encoder parameter names equal timm's ``VisionTransformer`` under the ``encoder.`` prefix, so
 exporting to timm is a key filter. ``convvit_*`` encoder sizes plug the hybrid ConvViT of
-``cmae.convvit`` (same interface, its own names) into the same model (``make_encoder``).
+``cmae.models.convvit`` (same interface, its own names) into the same model (``make_encoder``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import re
-from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from cmae.losses import info_nce, masked_pixel_loss
-
-# name -> (embed_dim, depth, num_heads)
-ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
-    "vit_micro": (128, 6, 4),  # CPU quick-start size, not a paper model
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_huge": (1280, 32, 16),
-}
-
-# any other plain ViT: "vit_{width}x{depth}h{heads}", e.g. vit_192x4h3 (what an imported
-# official checkpoint of a non-preset size is called)
-CUSTOM_VIT = re.compile(r"vit_(\d+)x(\d+)h(\d+)$")
-
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-
-
-def vit_size(name: str) -> tuple[int, int, int] | None:
-    """(width, depth, heads) of a ViT size name (a preset or ``vit_{W}x{D}h{H}``); None for a
-    name that is neither (e.g. a ConvViT). A custom size that cannot be built is a ValueError."""
-    if name in ENCODER_SIZES:
-        return ENCODER_SIZES[name]
-    m = CUSTOM_VIT.match(name)
-    if m is None:
-        return None
-    dim, depth, heads = map(int, m.groups())
-    if min(dim, depth, heads) <= 0 or dim % heads or dim % 4:
-        raise ValueError(
-            f"{name}: width must be a multiple of the heads and of 4 (sin-cos position "
-            "embedding), all positive"
-        )
-    return dim, depth, heads
-
-
-def vit_name(dim: int, depth: int, heads: int) -> str:
-    """The preset name of a ViT shape, else its ``vit_{W}x{D}h{H}`` name."""
-    preset = next((n for n, size in ENCODER_SIZES.items() if size == (dim, depth, heads)), None)
-    return preset or f"vit_{dim}x{depth}h{heads}"
-
+from cmae.models.convvit import ConvViT
+from cmae.models.losses import info_nce, masked_pixel_loss
+from cmae.models.vit import LayerNorm, ViTEncoder, init_module, sincos_pos_embed, vit_size
 
 # ---------------------------------------------------------------------------------------------
 # tensor helpers
-
-
-def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
-    """Fixed 2-D sin-cos position embedding, [grid*grid (+1), dim]; the cls position is zeros.
-
-    Same layout as MAE: the first half of the channels encodes the column (x), the second the
-    row (y), each half [sin, cos] over dim / 4 frequencies. The official CMAE code (mmselfsup's
-    ``build_2d_sincos_position_embedding``) puts the halves the other way round (row first);
-    otherwise equal. Imported official weights keep theirs: the embeddings are state-dict
-    entries, copied as they are (``cmae.export.load_official``), never recomputed.
-    """
-    assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64),
-        torch.arange(grid, dtype=torch.float64),
-        indexing="ij",
-    )
-
-    def embed_1d(pos: Tensor) -> Tensor:
-        out = pos.reshape(-1, 1) * omega[None]  # [L, dim/4]
-        return torch.cat([out.sin(), out.cos()], dim=1)  # [L, dim/2]
-
-    emb = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)  # [L, dim]
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
-    return emb.float()
 
 
 def patchify(imgs: Tensor, p: int) -> Tensor:
@@ -147,65 +79,6 @@ def random_masking(
 
 # ---------------------------------------------------------------------------------------------
 # modules
-
-
-class ViTEncoder(nn.Module):
-    """Plain ViT (cls token, fixed sin-cos pos-embed) with timm ``VisionTransformer`` names."""
-
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
-        grid = img_size // patch_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid)[None], requires_grad=False)
-        dpr = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio,
-                qkv_bias=True,
-                drop_path=dpr[i],
-                norm_layer=LayerNorm,
-            )
-            for i in range(depth)
-        )
-        self.norm = LayerNorm(embed_dim)
-
-    def init_weights(self) -> None:
-        # MAE init: xavier-uniform Linear and flattened patch-embed, cls token N(0, 0.02)
-        self.apply(_init_module)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-
-    def forward(
-        self, imgs: Tensor, ids_keep: Tensor | None = None, final_norm: bool = True
-    ) -> Tensor:
-        """[N, 3, H, W] -> [N, 1 + K, D]; only the patches in ids_keep [N, K] if given."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [N, L, D]
-        if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x) if final_norm else x
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
 
 
 class Decoder(nn.Module):
@@ -361,7 +234,7 @@ class CMAE(nn.Module):
         self.encoder.init_weights()
         for name, child in self.named_children():
             if name not in ("encoder", "projector", "predictor"):
-                child.apply(_init_module)
+                child.apply(init_module)
             if isinstance(child, Decoder):
                 nn.init.normal_(child.mask_token, std=0.02)
 
@@ -480,26 +353,14 @@ class CMAE(nn.Module):
         torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
 
-def _init_module(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 def make_encoder(name: str, img_size: int, patch_size: int, drop_path: float = 0.0) -> nn.Module:
     """The encoder a size name describes: ``ViTEncoder`` (a preset or ``vit_{W}x{D}h{H}``) or
-    the hybrid ``ConvViT``
-    (convvit_*, cmae.convvit); both take ``(imgs, ids_keep, final_norm) -> [N, 1 + K, D]``."""
+    the hybrid ``ConvViT`` (convvit_*, cmae.models.convvit); both take ``(imgs, ids_keep,
+    final_norm)`` and return ``[N, 1 + K, D]``."""
     size = vit_size(name)
     if size is not None:
         dim, depth, heads = size
         return ViTEncoder(img_size, patch_size, dim, depth, heads, drop_path=drop_path)
-    from cmae.convvit import ConvViT  # local: cmae.convvit imports this module's helpers
-
     return ConvViT.from_name(name, img_size, patch_size, drop_path)
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.optim import Lars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
-from cmae.data import labelled_splits, loader_workers
-from cmae.encoders import build_vit_encoder
-from cmae.knn import (
+from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.views import crop_flip, normalize
+from cmae.eval.frozen import (
     cached_features,
     feature_cache_file,
     frozen_features,
@@ -31,9 +32,9 @@ from cmae.knn import (
     topk_accuracy,
     write_results,
 )
-from cmae.optim import cosine_lr
-from cmae.pretrain import resolve_device, seed_everything
-from cmae.views import crop_flip, normalize
+from cmae.interop.encoders import build_vit_encoder
+from cmae.runtime.device import resolve_device, seed_everything
+from cmae.runtime.optim import cosine_lr
 
 # MAE linear-probe augmentation (torchvision RandomResizedCrop defaults) and optimizer momentum
 PROBE_CROP_SCALE = (0.08, 1.0)
@@ -44,43 +45,17 @@ EXTRACT_BATCH = 256  # images per forward pass when caching features (not the pr
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # one epoch of (features, labels)
 
 
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al., 2017) as used by MAE's linear probe: for every matrix the update
-    g + wd * w is rescaled to trust * ||w|| / ||g + wd * w|| before momentum; vectors (biases)
-    take plain momentum-SGD steps without weight decay."""
-
-    def __init__(
-        self,
-        params,
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        momentum: float = MOMENTUM,
-        trust_coefficient: float = 0.001,
-    ) -> None:
-        defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient
-        )
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    ratio = group["trust_coefficient"] * w_norm / u_norm
-                    # a zero weight or zero update keeps the raw step (no division by zero)
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
-                    update = update * ratio
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
+def lars(groups: list[dict]) -> Lars:
+    """LARS (You et al., 2017) as MAE's linear probe runs it, from timm: matrices take the
+    trust-ratio step trust * ||w|| / ||g|| before momentum, vectors (biases) plain momentum SGD.
+    ``always_adapt``: timm adapts only where weight decay is on, and the probe has none; eps 0:
+    MAE's ratio has no epsilon (a zero norm keeps the raw step in both)."""
+    split = []
+    for group in groups:
+        matrices = [p for p in group["params"] if p.ndim > 1]
+        vectors = [p for p in group["params"] if p.ndim <= 1]
+        split += [{**group, "params": matrices, "always_adapt": True}, {**group, "params": vectors}]
+    return Lars(split, momentum=MOMENTUM, trust_coeff=0.001, eps=0.0)
 
 
 class ProbeHeads(nn.Module):
@@ -117,7 +92,7 @@ def train_heads(
         for head, lr in zip(heads.heads, lrs, strict=True)
     ]
     if optimizer == "lars":
-        opt = LARS(groups)
+        opt = lars(groups)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lrs[0], momentum=MOMENTUM)
     else:

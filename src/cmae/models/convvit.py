@@ -10,14 +10,15 @@ A conv block is ConvMAE's: LN -> 1x1 -> 5x5 depth-wise conv -> 1x1 (residual), L
 (residual), on channels-last maps. With ``patch_size`` 16 (224 px) the strides are 4 / 2 / 2;
 the 32 px CPU presets use patch 4, strides 1 / 2 / 2, so the token grid is 8x8 as for ViT-Tiny.
 
-Masking is decided on the final token grid (``cmae.model.random_masking``, 2x2 blocks and all) and
-upsampled to the earlier stages, where it is applied as **masked convolution**: masked positions
-are zeroed before every spatial conv (patch embeddings, patch merging, depth-wise convs), so no
-visible feature ever mixes in masked content. The per-position layers (LayerNorm, 1x1 / Linear,
-MLP, residual adds) cannot carry content across positions, so they need no mask; no BatchNorm
-(its batch statistics would leak). Stage 3 gathers the visible tokens only, as the ViT does.
+Masking is decided on the final token grid (``cmae.models.cmae.random_masking``, 2x2 blocks and
+all) and upsampled to the earlier stages, where it is applied as **masked convolution**: masked
+positions are zeroed before every spatial conv (patch embeddings, patch merging, depth-wise
+convs), so no visible feature ever mixes in masked content. The per-position layers (LayerNorm,
+1x1 / Linear, MLP, residual adds) cannot carry content across positions, so they need no mask; no
+BatchNorm (its batch statistics would leak). Stage 3 gathers the visible tokens only, as the ViT
+does.
 
-Interface: the same as ``cmae.model.ViTEncoder`` (``forward(imgs, ids_keep, final_norm) ->
+Interface: the same as ``cmae.models.vit.ViTEncoder`` (``forward(imgs, ids_keep, final_norm) ->
 [N, 1 + K, D]``, ``init_weights``, ``no_weight_decay``, ``embed_dim``, ``patch_size`` = the total
 stride). Stage 3 keeps a cls token (fixed zero position embedding, as the ViT's) so the decoders,
 pooling and the kNN / linear-probe code that drop or read index 0 work unchanged; ConvMAE itself
@@ -32,7 +33,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from cmae.model import LayerNorm, _init_module, sincos_pos_embed
+from cmae.models.vit import LayerNorm, init_module, sincos_pos_embed
 
 # name -> (stage dims, stage depths, stage-3 heads); ConvMAE-Base is 256/384/768, 2/2/11, 12.
 # The smaller sizes keep its 1/3 : 1/2 : 1 width ratio at ViT-Tiny / ViT-Small stage-3 widths.
@@ -154,7 +155,7 @@ class ConvViT(nn.Module):
         # MAE's init for the transformer part (xavier Linear, unit LN, cls N(0, 0.02)); the patch
         # embeddings like MAE's (xavier on the flattened kernel); depth-wise convs keep PyTorch's
         # default, as in ConvMAE
-        self.apply(_init_module)
+        self.apply(init_module)
         for pe in (self.patch_embed1, self.patch_embed2, self.patch_embed3):
             w = pe.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))

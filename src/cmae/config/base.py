@@ -1,0 +1,150 @@
+"""The config machinery: OmegaConf structured configs layered as dataclass defaults -> YAML
+file (with ``extends: <preset>``) -> ``key.sub=value`` overrides, with one-line errors that name
+the key. OmegaConf does the type checks and conversions (as in dinov2); this module adds the
+preset lookup, ``extends`` and error messages in the project's words."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parents[1] / "configs"  # cmae/configs: presets found by name
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names the key."""
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (``tiny``) -> its file in cmae/configs; a ``.yaml`` path -> itself."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(
+            f"unknown preset '{name_or_path}' (presets: {names}; or pass a .yaml path)"
+        )
+    return candidate
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file as a nested dict, its ``extends: <preset or file>`` merged underneath."""
+    try:
+        # OmegaConf's YAML reader: 1e6 is a number, as in YAML 1.2 (PyYAML reads a string)
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model/data/train)")
+    extends = data.pop("extends", None)
+    if extends is None:
+        return data
+    base = OmegaConf.create(load_yaml(preset_path(extends)))
+    return OmegaConf.to_container(OmegaConf.merge(base, data))
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["model.mask_ratio=0.5", "train.epochs=3"]`` -> nested dict; values parsed as YAML."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(items)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides {' '.join(items)}: {e}") from e
+
+
+def compose(schema: type[T] | T, layers: Sequence[tuple[str, Any]], prefix: str = "") -> T:
+    """``schema`` (a dataclass or an instance: the defaults) with each ``(source, values)``
+    layer merged on top in order, as a dataclass instance. Errors name the key (after
+    ``prefix``) and the layer's source (a file path; "" for command-line overrides)."""
+    cfg = OmegaConf.structured(schema)
+    cls = schema if isinstance(schema, type) else type(schema)
+    for source, values in layers:
+        try:
+            _apply(cfg, cls, values, prefix)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of builtins (tuples become lists), safe for YAML and weights_only."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def _apply(cfg: DictConfig, cls: type, values: Any, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    for key, value in _leaves(values):
+        _check_known(cfg, key, prefix)
+        tp = _annotation(cls, key)
+        # OmegaConf reads 1 as true; a number where a flag belongs is more likely a mistake
+        if tp is bool and not isinstance(value, bool):
+            raise ConfigError(f"{prefix}{key}: expected true/false, got {value!r}")
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException:
+            raise ConfigError(f"{prefix}{key}: expected {_expected(tp)}, got {value!r}") from None
+
+
+def _leaves(d: dict[str, Any], parent: str = "") -> list[tuple[str, Any]]:
+    """Nested dict -> (dotted key, value) pairs; lists and scalars are leaves."""
+    out = []
+    for k, v in d.items():
+        key = f"{parent}{k}"
+        out += _leaves(v, f"{key}.") if isinstance(v, dict) and v else [(key, v)]
+    return out
+
+
+def _check_known(cfg: DictConfig, key: str, prefix: str) -> None:
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return  # a value where a section was given: the type check names it
+        if part not in node:
+            known = ", ".join(node.keys())
+            full = prefix + ".".join(parts[: i + 1])
+            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+        node = node[part]
+
+
+def _annotation(cls: type, key: str) -> Any:
+    """The type annotation of dotted ``key`` in dataclass ``cls`` (Any below a leaf)."""
+    tp: Any = cls
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return Any
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _expected(tp: Any) -> str:
+    """How an error message names what a field of type ``tp`` takes."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "a non-empty list"
+        return f"a list of {len(args)} values"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, str(tp))

@@ -1,0 +1,93 @@
+"""The pretraining input pipeline a ``Config`` describes: the views the data workers compute,
+the parts that run on the training device, and the batch's way onto it."""
+
+from __future__ import annotations
+
+import torch
+
+from cmae.config import Config
+from cmae.data.views import (
+    CropBoxes,
+    DeviceTargetColor,
+    DeviceViews,
+    PixelShiftViews,
+    SingleView,
+    normalize,
+    target_color_transform,
+)
+
+
+def build_views(cfg: Config, workers_part: bool = False):
+    """The training views; ``workers_part``: what the data workers compute of them (all of
+    it, or under ``data.resize_device`` the crop boxes that ``build_device_views`` finishes)."""
+    m, d = cfg.model, cfg.data
+    if workers_part and d.resize_device:
+        shift = d.max_shift if m.method == "cmae" else 0
+        return CropBoxes(m.img_size, shift, d.crop_scale, d.crop_ratio, d.hflip)
+    if m.method == "mae":
+        return SingleView(m.img_size, d.crop_scale, d.crop_ratio, d.hflip)
+    color = target_color_transform(
+        d.brightness,
+        d.contrast,
+        d.saturation,
+        d.hue,
+        d.color_jitter_p,
+        d.grayscale_p,
+        d.blur_p,
+        d.blur_sigma,
+    )
+    return PixelShiftViews(
+        m.img_size,
+        d.max_shift,
+        d.crop_scale,
+        d.crop_ratio,
+        d.hflip,
+        color if d.target_color_aug and not d.target_aug_device else None,
+    )
+
+
+def build_device_color(cfg: Config) -> DeviceTargetColor | None:
+    """The target view's colour ops for the training device (``data.target_aug_device``)."""
+    m, d = cfg.model, cfg.data
+    if m.method == "mae" or not (d.target_color_aug and d.target_aug_device):
+        return None
+    return DeviceTargetColor(
+        d.brightness,
+        d.contrast,
+        d.saturation,
+        d.hue,
+        d.color_jitter_p,
+        d.grayscale_p,
+        d.blur_p,
+        d.blur_sigma,
+    )
+
+
+def build_device_views(cfg: Config) -> DeviceViews | None:
+    """The views' resize on the training device (``data.resize_device``), else None."""
+    m, d = cfg.model, cfg.data
+    if not d.resize_device:
+        return None
+    cmae = m.method == "cmae"
+    return DeviceViews(m.img_size, d.max_shift if cmae else 0, two_views=cmae)
+
+
+def to_device(
+    views: list[torch.Tensor],
+    device: torch.device,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    target_color: DeviceTargetColor | None = None,
+    device_views: DeviceViews | None = None,
+) -> list[torch.Tensor]:
+    """uint8 views from the loader -> normalised float32 on ``device`` (4x less to copy than
+    float); ``target_color`` first colour-augments the target view (views[1]) there. With
+    ``device_views`` the loader's ``views`` are ``collate_boxes``' (buffer, sizes, params),
+    made into views on ``device`` first."""
+    if device_views is not None:
+        views = device_views(*views, device)
+    else:
+        views = [v.to(device, non_blocking=True) for v in views]
+    if target_color is not None:
+        views[1] = target_color(views[1])
+    return [normalize(v, mean, std) for v in views]

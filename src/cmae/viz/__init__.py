@@ -1,0 +1,1 @@
+"""Pictures: reconstruction grids (visualize), loss curves and the run summary (plot)."""
