@@ -161,9 +161,9 @@ def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
 def seg_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype | None, kind: str):
     """(step function, description) of one `cmae segment` training step of ``preset``."""
     from cmae.eval.finetune import layer_decay_groups
-    from cmae.eval.segment import seg_loss
     from cmae.interop.encoders import load_encoder_weights
     from cmae.models.upernet import build_segmentor
+    from cmae.train.segment import seg_loss
 
     crop = SEG_PRESETS[preset][1]
     torch.manual_seed(0)

@@ -22,7 +22,6 @@ from cmae.eval.finetune import layer_decay_groups
 from cmae.eval.segment import (
     confusion_matrix,
     evaluate,
-    lr_at,
     predict_logits,
     seg_metrics,
     slide_logits,
@@ -35,6 +34,7 @@ from cmae.models.upernet import (
     resample_pos_embed,
 )
 from cmae.models.vit import ViTEncoder
+from cmae.train.segment import lr_at
 
 # a 4-block ViT of width 32 (patch 4): the smallest encoder with 4 pyramid taps
 DIM, DEPTH, HEADS = 32, 4, 2
@@ -181,11 +181,14 @@ def test_layer_decay_groups_cover_every_parameter_once():
 
 
 def test_lr_schedule_warmup_then_poly():
-    cfg = load_segment_config(None, ["iters=100", "warmup_iters=10", "lr=0.001"])
-    assert lr_at(0, cfg) == pytest.approx(1e-9)
-    assert lr_at(10, cfg) == pytest.approx(1e-3)
-    assert lr_at(55, cfg) == pytest.approx(0.5e-3)
-    assert lr_at(100, cfg) == 0.0
+    def lr(step, power=1.0):
+        return lr_at(step, 1e-3, 10, 100, power, 0.0)
+
+    assert lr(0) == pytest.approx(1e-9)
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(55) == pytest.approx(0.5e-3)
+    assert lr(55, power=2.0) == pytest.approx(0.25e-3)
+    assert lr(100) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

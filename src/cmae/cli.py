@@ -16,10 +16,10 @@ from cmae.config import (
     load_segment_config,
 )
 from cmae.data.datasets import DataError
-from cmae.eval import finetune, knn, linprobe, segment
+from cmae.eval import finetune, knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
-from cmae.train import pretrain
+from cmae.train import pretrain, segment
 from cmae.train.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
 from cmae.viz.plot import MissingDependencyError, plot_run
 from cmae.viz.visualize import visualize_files

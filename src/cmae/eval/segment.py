@@ -1,21 +1,12 @@
-"""``cmae segment``: semantic segmentation with UperNet on a pretrained encoder (the MAE / CMAE
-ADE20K protocol; ``cmae.models.upernet`` for the model, ``cmae.data.segmentation`` for the
-data).
-
-AdamW with the fine-tuning code's layer-wise lr decay groups, linear warmup from lr x 1e-6 then
-poly decay per iteration, cross-entropy with the ignore index on the logits upsampled to the
-labels (+ the auxiliary head's, weighted). Evaluation: sliding windows over each validation
-image rescaled to fit ``data.scale``, the averaged logits resized to the original labels, one
-confusion matrix over the whole split (reduced across ranks) -> mIoU, mAcc, aAcc and per-class
-IoU / accuracy. Checkpoints, ``resume=auto`` (bitwise on CPU), SIGTERM and torchrun as
-``cmae pretrain``.
+"""Semantic-segmentation evaluation (``cmae segment``, trained by ``cmae.train.segment``):
+sliding-window inference over each validation image rescaled to fit ``data.scale``, the averaged
+logits resized to the original labels, one confusion matrix over the whole split (summed across
+ranks) -> mIoU, mAcc, aAcc and per-class IoU / accuracy; the predictions picture.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,78 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from cmae.config import ConfigError, SegmentConfig, to_dict
-from cmae.data.datasets import loader_workers
-from cmae.data.sampling import EpochSampler
-from cmae.data.segmentation import (
-    IGNORE,
-    SegTrainSet,
-    SegValSet,
-    TrainPipeline,
-    segmentation_splits,
-)
-from cmae.eval.finetune import layer_decay_groups
-from cmae.eval.frozen import eval_normalization
-from cmae.interop.encoders import load_encoder_weights
-from cmae.models.upernet import UperNet, build_segmentor
-from cmae.runtime.checkpoint import RunCheckpoints, remove_stale_temps
-from cmae.runtime.device import keep_freed_memory, resolve_amp, resolve_device, seed_everything
-from cmae.runtime.distributed import (
-    build_sampler,
-    is_distributed,
-    is_main,
-    rank,
-    setup_distributed,
-    teardown_distributed,
-    world_size,
-    wrap_model,
-)
-from cmae.train.faults import Preempted, StopSignals, ignore_stop_signals
-from cmae.train.resume import find_resume, restore_training, training_state
-
-WARMUP_START = 1e-6  # the warmup's first lr factor (mmengine LinearLR start_factor)
-
-
-def lr_at(step: int, cfg: SegmentConfig) -> float:
-    """Linear warmup from lr x 1e-6 over warmup_iters, then poly(power) to min_lr at iters."""
-    if step < cfg.warmup_iters:
-        return cfg.lr * (WARMUP_START + (1 - WARMUP_START) * step / cfg.warmup_iters)
-    span = max(cfg.iters - cfg.warmup_iters, 1)
-    frac = min((step - cfg.warmup_iters) / span, 1.0)
-    return (cfg.lr - cfg.min_lr) * (1 - frac) ** cfg.power + cfg.min_lr
-
-
-def seg_loss(
-    logits: Tensor,
-    aux: Tensor | None,
-    labels: Tensor,
-    aux_weight: float,
-    avg_non_ignore: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """(total loss, auxiliary loss or None): cross-entropy of the logits upsampled (bilinear) to
-    the labels, ignoring ``IGNORE``; averaged over the labelled pixels, or with
-    ``avg_non_ignore=False`` over all pixels (mmsegmentation's default)."""
-
-    def ce(x: Tensor) -> Tensor:
-        x = F.interpolate(x, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        if avg_non_ignore:
-            return F.cross_entropy(x.float(), labels, ignore_index=IGNORE)
-        return F.cross_entropy(x.float(), labels, ignore_index=IGNORE, reduction="sum") / (
-            labels.numel()
-        )
-
-    loss = ce(logits)
-    if aux is None:
-        return loss, None
-    aux_loss = ce(aux)
-    return loss + aux_weight * aux_loss, aux_loss
-
+from cmae.data.segmentation import IGNORE, SegValSet
+from cmae.models.upernet import UperNet
+from cmae.runtime.distributed import is_distributed, rank, world_size
 
 # ---------------------------------------------------------------------------------------------
 # inference and metrics
@@ -229,7 +155,7 @@ def colorize(label: Tensor, num_classes: int) -> np.ndarray:
 @torch.no_grad()
 def write_predictions(
     model: UperNet,
-    base,
+    base: Dataset,
     val_set: SegValSet,
     indices: list[int],
     crop: int,
@@ -269,245 +195,3 @@ def write_predictions(
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     Image.fromarray(np.concatenate(rows)).save(path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# the command
-
-
-def run(cfg: SegmentConfig) -> dict:
-    # SIGTERM / SIGUSR1: finish the iteration, save, raise Preempted (exit code 75)
-    with StopSignals() as stop:
-        return train(cfg, stop)
-
-
-def train(cfg: SegmentConfig, stop: StopSignals) -> dict:
-    d, m = cfg.data, cfg.model
-    device = setup_distributed(resolve_device(cfg.device))
-    out_dir = Path(cfg.out)
-    config = to_dict(cfg)
-    if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    seed_everything(cfg.seed)
-    weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
-    mean, std = eval_normalization(d.mean, d.std, weights)
-    train_base, val_base, classes = segmentation_splits(
-        d.path, d.num_classes, d.reduce_zero_label and d.path is not None, d.synthetic()
-    )
-    pipeline = TrainPipeline(
-        d.scale, d.ratio_range, d.crop, d.cat_max_ratio, d.hflip, d.photometric, mean, std
-    )
-    train_set = SegTrainSet(train_base, pipeline, cfg.seed)
-    val_set = SegValSet(val_base, d.scale, mean, std)
-    if cfg.batch_size % world_size():
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} must be divisible by the world size ({world_size()})"
-        )
-    local_batch = cfg.batch_size // world_size()
-    sampler = EpochSampler(build_sampler(train_set, cfg.seed))
-    workers = loader_workers(d.num_workers)
-    loader = DataLoader(
-        train_set,
-        batch_size=local_batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals,
-        # its own generator: starting an epoch's iterator must not draw from the global one,
-        # which the resumed run restores (drop path, dropout)
-        generator=torch.Generator().manual_seed(cfg.seed + rank()),
-    )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} is larger than the training split "
-            f"({len(train_set)} images)"
-        )
-    try:
-        model = build_segmentor(
-            weights,
-            len(classes),
-            d.crop,
-            m.channels,
-            m.aux_channels,
-            m.pool_scales,
-            m.dropout,
-            m.drop_path,
-            m.out_indices,
-            m.rel_pos_bias,
-            m.layer_scale,
-        ).to(device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if d.crop % model.pad_multiple:
-        raise ConfigError(
-            f"data.crop: {d.crop} must be a multiple of {model.pad_multiple} (the coarsest "
-            "pyramid level's stride)"
-        )
-    wrapped = wrap_model(model, device, compile=False)
-    seed_everything(cfg.seed + rank())  # drop path and dropout differ across ranks
-    amp = resolve_amp(cfg.amp, device)
-    optimizer = torch.optim.AdamW(
-        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay),
-        lr=cfg.lr,
-        betas=cfg.betas,
-        fused=True,
-    )
-    last = min(cfg.iters, cfg.max_iters) if cfg.max_iters else cfg.iters
-    n_params = sum(p.numel() for p in model.parameters())
-    if is_main():
-        print(
-            f"cmae segment: {weights.encoder} UperNet ({n_params / 1e6:.2f}M params), "
-            f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, crop "
-            f"{d.crop}, {cfg.iters} iterations x batch {cfg.batch_size}, lr {cfg.lr:g}, device "
-            f"{device} x {world_size()} process(es), amp {amp}, out {out_dir}"
-        )
-
-    step, best = 0, None
-    if is_main():
-        remove_stale_temps(out_dir)
-    resumed = find_resume(cfg.resume, out_dir)
-    if resumed is not None:
-        step, _ = restore_training(
-            *resumed, model, optimizer, None, config["model"], rank(), device
-        )
-        best = resumed[1].get("best")
-        if is_main():
-            print(f"resuming from {resumed[0]} at iteration {step}")
-    del resumed
-    if step >= last and (out_dir / "results.json").is_file():
-        if is_main():
-            print(f"{out_dir} is already trained to iteration {step} (resume=never restarts)")
-        teardown_distributed()
-        return json.loads((out_dir / "results.json").read_text())
-    checkpoints = RunCheckpoints(out_dir, cfg.keep_last, 0)
-    log = open(out_dir / "log.jsonl", "a") if is_main() else None
-
-    def write(rec: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-
-    def snapshot() -> dict:
-        state = training_state(
-            model, optimizer, None, step, step // steps_per_epoch, config, (0, 0), device
-        )
-        state["best"] = best
-        return state
-
-    def eval_now() -> dict:
-        conf = evaluate(model, val_set, d.crop, d.stride, device, amp, min(workers, 2))
-        res = seg_metrics(conf, classes)
-        return {"step": step, **res, "confusion": conf.tolist()}
-
-    start = time.perf_counter()
-    tick, tick_step = start, step
-    bar = tqdm(total=last, initial=step, desc="segment", dynamic_ncols=True, disable=not is_main())
-    model.train()
-    last_eval = None
-    while step < last:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start=(step - epoch * steps_per_epoch) * local_batch)
-        for imgs, labels in loader:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            x = imgs.to(device, non_blocking=True)
-            y = labels.to(device, non_blocking=True).long()
-            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-                logits, aux = wrapped(x)
-            loss, aux_loss = seg_loss(logits, aux, y, m.aux_weight, m.avg_non_ignore)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == last:
-                now = time.perf_counter()
-                rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr}
-                if aux_loss is not None:
-                    rec["loss_aux"] = aux_loss.item()
-                rec["img_per_s"] = (step - tick_step) * cfg.batch_size / (now - tick)
-                tick, tick_step = now, step
-                write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == last:
-                last_eval = eval_now()
-                summary = {k: last_eval[k] for k in ("step", "mIoU", "mAcc", "aAcc")}
-                write({**summary, "eval": True})
-                if best is None or (last_eval["mIoU"] or 0) > (best["mIoU"] or 0):
-                    best = summary
-                bar.set_postfix(loss=f"{loss.item():.4f}", mIoU=f"{last_eval['mIoU'] or 0:.2f}")
-                tick = time.perf_counter()  # evaluation time is not training throughput
-            if step < last and stop.requested():
-                state = snapshot()
-                path = checkpoints.save(state, step) if is_main() else None
-                bar.close()
-                if log is not None:
-                    log.close()
-                if is_main():
-                    saved = f"saved {path}" if path else "its save failed (see above)"
-                    print(
-                        f"stopped by {stop.name} at iteration {step}; {saved}. Run the same "
-                        "command again to resume (resume=auto)"
-                    )
-                teardown_distributed()
-                raise Preempted(f"stopped by {stop.name} at iteration {step}", path and str(path))
-            if cfg.save_every and step % cfg.save_every == 0 and step < last:
-                state = snapshot()
-                if is_main():
-                    checkpoints.save(state, step)
-            if step >= last:
-                break
-    bar.close()
-    wall = time.perf_counter() - start
-    if last_eval is None:  # resumed at the end without results: evaluate once
-        last_eval = eval_now()
-        best = best or {k: last_eval[k] for k in ("step", "mIoU", "mAcc", "aAcc")}
-    state = snapshot()
-    if not is_main():
-        teardown_distributed()
-        return {}
-    log.close()
-    checkpoints.save_final(state)
-    results = {
-        "mIoU": last_eval["mIoU"],
-        "mAcc": last_eval["mAcc"],
-        "aAcc": last_eval["aAcc"],
-        "iteration": step,
-        "best": best,
-        "per_class": last_eval["per_class"],
-        "classes": classes,
-        "confusion": last_eval["confusion"],
-        "n_train": len(train_set),
-        "n_val": len(val_set),
-        "params": n_params,
-        "encoder": weights.encoder,
-        "wall_s": wall,
-        "mean": list(mean),
-        "std": list(std),
-    }
-    (out_dir / "results.json").write_text(json.dumps({**results, "config": config}, indent=2))
-    if d.vis_images:
-        n = min(d.vis_images, len(val_base))
-        picks = sorted({round(i * (len(val_base) - 1) / max(n - 1, 1)) for i in range(n)})
-        write_predictions(
-            model, val_base, val_set, picks, d.crop, d.stride, device, out_dir / "predictions.png"
-        )
-    teardown_distributed()
-    print(
-        f"cmae segment: mIoU {fmt(results['mIoU'])} mAcc {fmt(results['mAcc'])} aAcc "
-        f"{fmt(results['aAcc'])} at iteration {step} (best mIoU {fmt(best['mIoU'])} at "
-        f"{best['step']}); {wall:.0f}s; wrote {out_dir / 'results.json'}"
-    )
-    return results
-
-
-def fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
