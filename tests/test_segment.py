@@ -15,6 +15,8 @@ from cmae.data.segmentation import (
     GeneratedSegmentation,
     SegFolder,
     SegValSet,
+    TrainPipeline,
+    normalize_255,
     reduce_zero_label,
     segmentation_splits,
 )
@@ -34,7 +36,7 @@ from cmae.models.upernet import (
     resample_pos_embed,
 )
 from cmae.models.vit import ViTEncoder
-from cmae.train.segment import lr_at
+from cmae.train.segment import lr_at, seg_loss
 
 # a 4-block ViT of width 32 (patch 4): the smallest encoder with 4 pyramid taps
 DIM, DEPTH, HEADS = 32, 4, 2
@@ -189,6 +191,52 @@ def test_lr_schedule_warmup_then_poly():
     assert lr(55) == pytest.approx(0.5e-3)
     assert lr(55, power=2.0) == pytest.approx(0.25e-3)
     assert lr(100) == 0.0
+
+
+def test_loss_average_over_labelled_or_all_pixels():
+    logits = torch.zeros(1, 4, 2, 2)  # uniform: log(4) per labelled pixel
+    labels = torch.tensor([[[0, 1], [IGNORE, IGNORE]]])
+    labelled, _ = seg_loss(logits, None, labels, 0.4, avg_non_ignore=True)
+    everything, _ = seg_loss(logits, None, labels, 0.4, avg_non_ignore=False)
+    assert labelled.item() == pytest.approx(np.log(4))
+    assert everything.item() == pytest.approx(np.log(4) / 2)  # mmsegmentation's default
+    total, aux = seg_loss(logits, torch.zeros(1, 4, 1, 1), labels, 0.4)
+    assert total.item() == pytest.approx(1.4 * np.log(4)) and aux is not None
+
+
+def test_train_pipeline_switches():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 24, 32), dtype=torch.uint8, generator=g)
+    label = torch.randint(0, 3, (24, 32), dtype=torch.uint8, generator=g)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    def pipe(crop=32, **kw):
+        args = {"hflip": 0.0, "photometric": False, "cat_max_ratio": 1.0, **kw}
+        return TrainPipeline((32, 24), (1.0, 1.0), crop, mean=mean, std=std, **args)
+
+    torch.manual_seed(0)
+    x, y = pipe()(img, label)  # no rescale (ratio 1 fits exactly), crop 32 keeps 24 x 32 whole
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    assert torch.equal(x[:, :24], normalize_255(img, mean, std)) and torch.equal(y[:24], label)
+    assert (x[:, 24:] == 0).all() and (y[24:] == IGNORE).all()  # padding: 0 and ignored
+    torch.manual_seed(0)
+    flipped = pipe(hflip=1.0)(img, label)
+    assert torch.equal(flipped[1][:24], label.flip(-1))
+    changed = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        changed.append(not torch.equal(pipe(photometric=True)(img, label)[0], x))
+    assert any(changed)
+    # cat_max_ratio: a crop where one class fills 3/4 or more is redrawn (up to 10 times)
+    lab = torch.zeros(24, 32, dtype=torch.uint8)
+    lab[:, 24:] = 1  # class 1 only in the right quarter
+    counts = {1.0: 0, 0.75: 0}
+    for ratio in counts:
+        for seed in range(20):
+            torch.manual_seed(seed)
+            _, y = pipe(crop=8, cat_max_ratio=ratio)(img, lab)
+            counts[ratio] += int(len(y.unique()) > 1)
+    assert counts[0.75] > counts[1.0]
 
 
 # ---------------------------------------------------------------------------------------------
