@@ -407,3 +407,18 @@ def test_torchrun_two_ranks_reduce_one_confusion_matrix(tmp_path):
     val = GeneratedSegmentation(5, 32, seed=1)  # data.synthetic_seed + 1
     labelled = sum(int((val.raw(i)[1] != IGNORE).sum()) for i in range(len(val)))
     assert sum(map(sum, res["confusion"])) == labelled
+
+
+def test_stop_signal_saves_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    from cmae.train.faults import EXIT_PREEMPTED, StopSignals
+
+    args = ["segment", "--checkpoint", "random", "--out", str(tmp_path / "run"), *SMALL]
+    args += ["iters=3", "warmup_iters=1", "eval_every=0", "data.vis_images=0"]
+    with monkeypatch.context() as m:
+        m.setattr(StopSignals, "requested", lambda self: True)  # a SIGTERM before step 1 ends
+        assert main(args) == EXIT_PREEMPTED
+    assert "stopped by" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoints" / "step-000000001.pt").is_file()
+    assert main(args) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["iteration"] == 3
