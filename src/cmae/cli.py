@@ -20,7 +20,7 @@ from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.train import pretrain
 from cmae.train.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
-from cmae.viz.plot import MissingDependencyError, plot_run
+from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
 
@@ -97,7 +97,11 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    if len(args.run_dir) == 1 and args.x == "step" and args.labels is None:
+        print(f"wrote {plot_run(args.run_dir[0], args.out)}")
+        return
+    out = args.out or "compare.png"
+    print(f"wrote {plot_runs(args.run_dir, out, args.x, args.labels)}")
 
 
 def _add_interop_commands(sub) -> None:
@@ -161,9 +165,22 @@ def _add_interop_commands(sub) -> None:
     p.add_argument("--tile", type=int, default=96, help="tile size in pixels (default 96)")
     p.set_defaults(func=_visualize)
 
-    p = sub.add_parser("plot", help="loss / lr / momentum / kNN curves of a run (matplotlib)")
-    p.add_argument("run_dir", help="run directory with log.jsonl")
-    p.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    p = sub.add_parser(
+        "plot", help="curves of a run, or kNN / loss of several runs on shared axes (matplotlib)"
+    )
+    p.add_argument("run_dir", nargs="+", help="run directory (or several) with log.jsonl")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output PNG (default RUN_DIR/curves.png for one run, compare.png for several)",
+    )
+    p.add_argument(
+        "--x",
+        choices=["step", "epoch", "wall"],
+        default="step",
+        help="x axis of a comparison: step, epoch, or training time (equal-wall-time view)",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
     p.set_defaults(func=_plot)
 
 
