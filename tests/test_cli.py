@@ -115,3 +115,20 @@ def test_python_dash_m_entry_point(tmp_path):
         check=True,
     )
     assert "--data" in proc.stdout
+
+
+def test_overrides_may_follow_options():
+    from cmae.cli import parse_args
+
+    args = parse_args(
+        ["finetune", "--checkpoint", "random", "encoder.preset=tiny", "--data", "D", "epochs=4"]
+    )
+    assert args.overrides == ["encoder.preset=tiny", "epochs=4"] and args.data == "D"
+    args = parse_args(["pretrain", "train.epochs=2", "--out", "O", "model.mask_ratio=0.5"])
+    assert args.overrides == ["train.epochs=2", "model.mask_ratio=0.5"] and args.out == "O"
+    for bad in (
+        ["pretrain", "--bogus"],
+        ["knn", "--checkpoint", "random", "k=3", "--out", "O", "x"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

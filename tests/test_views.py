@@ -92,6 +92,36 @@ def test_single_view_and_eval_transform_shapes():
     assert y.shape == (3, 16, 16)
 
 
+def test_mae_same_crop_sees_cmae_online_view():
+    # data.mae_same_crop: MAE's view is CMAE's online view (same crop, same random draws)
+    img = random_image(64)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        online, _ = PixelShiftViews(16, 5)(img)
+        torch.manual_seed(seed)
+        (mae,) = SingleView(16, max_shift=5)(img)
+        torch.manual_seed(seed)
+        (own,) = SingleView(16)(img)
+        assert torch.equal(mae, online)
+        assert not torch.equal(own, online)  # MAE's own crop: a different geometry
+
+
+def test_mae_same_crop_switch_reaches_the_views():
+    from cmae.config import load_config
+    from cmae.data.pipeline import build_device_views, build_views
+
+    base = ["model.method=mae", "model.img_size=32", "data.max_shift=5"]
+    own = build_views(load_config("tiny", base))
+    same = build_views(load_config("tiny", [*base, "data.mae_same_crop=true"]))
+    assert own.transform.transforms[0].size == (32, 32)
+    assert same.transform.transforms[0].size == (37, 37)
+    dev = ["data.resize_device=true", "data.target_aug_device=true"]
+    assert build_device_views(load_config("tiny", [*base, *dev])).side == 32
+    assert (
+        build_device_views(load_config("tiny", [*base, *dev, "data.mae_same_crop=true"])).side == 37
+    )
+
+
 def test_normalize():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))

@@ -21,7 +21,7 @@ from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.train import pretrain, segment
 from cmae.train.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
-from cmae.viz.plot import MissingDependencyError, plot_run
+from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
 
@@ -136,7 +136,11 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    if len(args.run_dir) == 1 and args.x == "step" and args.labels is None:
+        print(f"wrote {plot_run(args.run_dir[0], args.out)}")
+        return
+    out = args.out or "compare.png"
+    print(f"wrote {plot_runs(args.run_dir, out, args.x, args.labels)}")
 
 
 def _add_interop_commands(sub) -> None:
@@ -202,9 +206,22 @@ def _add_interop_commands(sub) -> None:
     p.add_argument("--tile", type=int, default=96, help="tile size in pixels (default 96)")
     p.set_defaults(func=_visualize)
 
-    p = sub.add_parser("plot", help="loss / lr / momentum / kNN curves of a run (matplotlib)")
-    p.add_argument("run_dir", help="run directory with log.jsonl")
-    p.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    p = sub.add_parser(
+        "plot", help="curves of a run, or kNN / loss of several runs on shared axes (matplotlib)"
+    )
+    p.add_argument("run_dir", nargs="+", help="run directory (or several) with log.jsonl")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output PNG (default RUN_DIR/curves.png for one run, compare.png for several)",
+    )
+    p.add_argument(
+        "--x",
+        choices=["step", "epoch", "wall"],
+        default="step",
+        help="x axis of a comparison: step, epoch, or training time (equal-wall-time view)",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
     p.set_defaults(func=_plot)
 
 
@@ -254,8 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may stand anywhere, also after options
+    (``cmae finetune --checkpoint random encoder.preset=tiny --data D epochs=4``), which
+    argparse alone refuses once a positional has been read before an option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except Preempted:  # a stop signal; the state is saved and the message printed

@@ -56,6 +56,9 @@ REFERENCE_MASK = {"cmae": (0.65, 2), "mae": (0.75, 1)}
 class DataConfig:
     path: str | None = None  # ImageFolder-style dir; None = built-in generated shapes
     max_shift: int = 32  # pixels; master crop is img_size + max_shift, offsets in [0, max_shift)
+    # MAE only: its view is the online view of CMAE's crop (the (0, 0) window of an
+    # img_size + max_shift crop) instead of its own RandomResizedCrop to img_size
+    mae_same_crop: bool = False
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5

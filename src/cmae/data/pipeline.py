@@ -22,10 +22,9 @@ def build_views(cfg: Config, workers_part: bool = False):
     it, or under ``data.resize_device`` the crop boxes that ``build_device_views`` finishes)."""
     m, d = cfg.model, cfg.data
     if workers_part and d.resize_device:
-        shift = d.max_shift if m.method == "cmae" else 0
-        return CropBoxes(m.img_size, shift, d.crop_scale, d.crop_ratio, d.hflip)
+        return CropBoxes(m.img_size, crop_shift(cfg), d.crop_scale, d.crop_ratio, d.hflip)
     if m.method == "mae":
-        return SingleView(m.img_size, d.crop_scale, d.crop_ratio, d.hflip)
+        return SingleView(m.img_size, d.crop_scale, d.crop_ratio, d.hflip, crop_shift(cfg))
     color = target_color_transform(
         d.brightness,
         d.contrast,
@@ -44,6 +43,14 @@ def build_views(cfg: Config, workers_part: bool = False):
         d.hflip,
         color if d.target_color_aug and not d.target_aug_device else None,
     )
+
+
+def crop_shift(cfg: Config) -> int:
+    """The master crop's extra side s (views are S x S windows of an S + s crop): CMAE's pixel
+    shift, and MAE's too under ``data.mae_same_crop``; 0 for MAE's own crop."""
+    if cfg.model.method == "cmae" or cfg.data.mae_same_crop:
+        return cfg.data.max_shift
+    return 0
 
 
 def build_device_color(cfg: Config) -> DeviceTargetColor | None:
@@ -68,8 +75,7 @@ def build_device_views(cfg: Config) -> DeviceViews | None:
     m, d = cfg.model, cfg.data
     if not d.resize_device:
         return None
-    cmae = m.method == "cmae"
-    return DeviceViews(m.img_size, d.max_shift if cmae else 0, two_views=cmae)
+    return DeviceViews(m.img_size, crop_shift(cfg), two_views=m.method == "cmae")
 
 
 def to_device(

@@ -276,7 +276,11 @@ class PixelShiftViews:
 
 
 class SingleView:
-    """MAE's view: RandomResizedCrop(S) + flip, as a 1-tuple so both modes batch alike."""
+    """MAE's view: RandomResizedCrop(S) + flip, as a 1-tuple so both modes batch alike.
+
+    ``max_shift`` s > 0 gives MAE the online view of CMAE's geometry instead: a master crop of
+    side S + s and its S x S window at (0, 0) (``data.mae_same_crop``), so that MAE and CMAE
+    see the same crops and differ only in what CMAE adds."""
 
     def __init__(
         self,
@@ -284,12 +288,15 @@ class SingleView:
         scale: tuple[float, float] = (0.2, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
+        max_shift: int = 0,
     ) -> None:
-        self.transform = crop_flip(img_size, scale, ratio, hflip)
+        self.img_size = img_size
+        self.transform = crop_flip(img_size + max_shift, scale, ratio, hflip)
         self.takes_tensor = getattr(self.transform, "takes_tensor", False)
 
     def __call__(self, img: Image.Image | Tensor) -> tuple[Tensor]:
-        return (self.transform(img),)
+        s = self.img_size
+        return (self.transform(img)[:, :s, :s],)
 
 
 class CropBoxes:
