@@ -19,8 +19,8 @@ achieved / that peak, peak memory (CPU: the process's peak RSS; CUDA: peak alloc
 ``other_cpu``, the cores other processes used meanwhile (a shared machine's noise). The counted
 step runs its attention on the math backend, whose matmuls the counter sees (it counts the CPU's
 fused attention kernel as 0 FLOPs). A last line per config compares the CMAE/MAE step-time ratio
-with their FLOP ratio. For the reference presets
-``x_ref`` is img/s over the reference implementation's figure on the 2-core CPU (issue 7).
+with their FLOP ratio. Speed next to the official CMAE code counts only from the same run:
+``bench_reference.py`` (this script's records carry no ratio to a figure of another day).
 
 Toggles to measure one optimisation against its absence in the same run: ``--optimizer``
 (AdamW implementation: fused, as ``cmae pretrain`` uses, foreach or the per-parameter loop),
@@ -98,13 +98,6 @@ SEG_PRESETS: dict[str, tuple[int, int]] = {"seg_vit_b16_512": (2, 512), "seg_vit
 REFERENCE_GFLOP = {"seg_vit_b16_512": 7279.0, "seg_vit_b16_256": 1777.0}
 # the reference code's masking: CMAE 2x2 blocks at 0.65, MAE per patch at 0.75
 MODE_MASK = {"cmae": (0.65, 2), "mae": (0.75, 1)}
-# img/s of the reference implementations, 2-core CPU, fp32, torch 2.14.1, 2 threads (issue 7)
-REFERENCE_IMG_PER_S = {
-    ("ref_vit_b16", "mae"): 1.48,
-    ("ref_vit_b16", "cmae"): 0.81,
-    ("ref_tiny", "mae"): 79.2,
-    ("ref_tiny", "cmae"): 35.9,
-}
 DEFAULT_PRESETS = ["ref_tiny", "ref_vit_b16"]
 
 
@@ -296,15 +289,6 @@ def timed(
     if preset in REFERENCE_GFLOP:
         rec["ref_gflop_per_step"] = REFERENCE_GFLOP[preset]
         rec["gflop_over_ref"] = round(flops / 1e9 / REFERENCE_GFLOP[preset], 4)
-    ref = REFERENCE_IMG_PER_S.get((preset, method))
-    if (
-        ref is not None
-        and device.type == "cpu"
-        and dtype is None
-        and batch == BENCH_PRESETS[preset][0]
-    ):
-        rec["ref_img_per_s"] = ref
-        rec["x_ref"] = round(rec["img_per_s"] / ref, 3)
     return rec
 
 
