@@ -6,6 +6,8 @@
     python benchmarks/bench_step.py --preset tiny --batch 64      # any config preset
     python benchmarks/bench_step.py --device cuda --dtype bf16 --compile \
         --preset ref_vit_b16 --batch 256
+    python benchmarks/bench_step.py --preset seg_vit_b16_512 --preset seg_vit_b16_256
+                                                 # `cmae segment`: UperNet ViT-B/16, batch 2
 
 The step is ``cmae.train.pretrain.train_one_step``, the training loop's own step (with its
 non-finite guard), so what is measured is what ``cmae pretrain`` runs. Each (config, mode) runs
@@ -14,9 +16,11 @@ time of ``--steps`` steps after ``--warmup`` steps, img/s, GFLOP per step (matmu
 counted by torch.utils.flop_counter on the eager model), achieved GFLOP/s, the dense matmul rate
 measured in the same process just before (fp32 2048^3 on CPU, the chosen dtype on CUDA), MFU =
 achieved / that peak, peak memory (CPU: the process's peak RSS; CUDA: peak allocated) and
-``other_cpu``, the cores other processes used meanwhile (a shared machine's noise). A last line per
-config compares the CMAE/MAE step-time ratio with their FLOP ratio. For the reference presets
-``x_ref`` is img/s over the reference implementation's figure on the 2-core CPU (issue 7).
+``other_cpu``, the cores other processes used meanwhile (a shared machine's noise). The counted
+step runs its attention on the math backend, whose matmuls the counter sees (it counts the CPU's
+fused attention kernel as 0 FLOPs). A last line per config compares the CMAE/MAE step-time ratio
+with their FLOP ratio. Speed next to the official CMAE code counts only from the same run:
+``bench_reference.py`` (this script's records carry no ratio to a figure of another day).
 
 Toggles to measure one optimisation against its absence in the same run: ``--optimizer``
 (AdamW implementation: fused, as ``cmae pretrain`` uses, foreach or the per-parameter loop),
@@ -35,9 +39,11 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmae.config import load_config
@@ -83,15 +89,15 @@ BENCH_PRESETS: dict[str, tuple[int, list[str]]] = {
         ],
     ),
 }
+# Segmentation (`cmae segment`): one training step of UperNet on ViT-B/16 (the reference
+# ADE20K model: 150 classes, UperNet width 768, FCN auxiliary head 256, drop path 0.1, AdamW
+# with layer decay), random images and labels: name -> (batch, crop). Mode "seg".
+SEG_PRESETS: dict[str, tuple[int, int]] = {"seg_vit_b16_512": (2, 512), "seg_vit_b16_256": (2, 256)}
+# mmsegmentation 1.2.2 mae-base_upernet, one training step at batch 2, torch FlopCounterMode
+# (docs: MEASUREMENTS of 2026-11-30)
+REFERENCE_GFLOP = {"seg_vit_b16_512": 7279.0, "seg_vit_b16_256": 1777.0}
 # the reference code's masking: CMAE 2x2 blocks at 0.65, MAE per patch at 0.75
 MODE_MASK = {"cmae": (0.65, 2), "mae": (0.75, 1)}
-# img/s of the reference implementations, 2-core CPU, fp32, torch 2.14.1, 2 threads (issue 7)
-REFERENCE_IMG_PER_S = {
-    ("ref_vit_b16", "mae"): 1.48,
-    ("ref_vit_b16", "cmae"): 0.81,
-    ("ref_tiny", "mae"): 79.2,
-    ("ref_tiny", "cmae"): 35.9,
-}
 DEFAULT_PRESETS = ["ref_tiny", "ref_vit_b16"]
 
 
@@ -148,9 +154,46 @@ def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **kwargs)
 
 
+def seg_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype | None, kind: str):
+    """(step function, description) of one `cmae segment` training step of ``preset``."""
+    from cmae.eval.finetune import layer_decay_groups
+    from cmae.interop.encoders import load_encoder_weights
+    from cmae.models.upernet import build_segmentor
+    from cmae.train.segment import seg_loss
+
+    crop = SEG_PRESETS[preset][1]
+    torch.manual_seed(0)
+    weights = load_encoder_weights("random", "vit_base")
+    model = build_segmentor(weights, 150, crop, 768, 256, drop_path=0.1).to(device)
+    kwargs = {"fused": True} if kind == "fused" else {"foreach": kind == "foreach"}
+    opt = torch.optim.AdamW(
+        layer_decay_groups(model, 0.05, 0.65), lr=1e-4, betas=(0.9, 0.999), **kwargs
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, crop, crop, generator=g).to(device)
+    y = torch.randint(0, 150, (batch, crop, crop), generator=g).to(device)
+    model.train()
+
+    def step(module: torch.nn.Module) -> None:
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+            logits, aux = module(x)
+        loss, _ = seg_loss(logits, aux, y, 0.4, avg_non_ignore=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"encoder": "vit_base", "img_size": crop, "patch": 16, "params_m": n_params / 1e6}
+    return model, step, info
+
+
 def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if method == "seg":
+        model, step, info = seg_step(preset, batch, device, dtype, args.optimizer)
+        wrapped = torch.compile(model) if args.compile else model
+        return timed(args, preset, method, batch, device, dtype, step, wrapped, info)
     cfg = make_config(preset, method)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
@@ -167,8 +210,34 @@ def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dic
     def step(module: torch.nn.Module) -> None:
         train_one_step(model, opt, views, 1e-4, 0.996, module, amp=dtype, scaler=scaler)
 
-    # FLOPs of one eager step (the compiled one runs the same matmuls)
-    with FlopCounterMode(display=False) as counter:
+    ratio, block = cfg.model.resolved_mask()
+    info = {
+        "encoder": cfg.model.encoder,
+        "img_size": s,
+        "patch": cfg.model.patch_size,
+        "mask_ratio": ratio,
+        "mask_block": block,
+    }
+    return timed(args, preset, method, batch, device, dtype, step, wrapped, info)
+
+
+def timed(
+    args: argparse.Namespace,
+    preset: str,
+    method: str,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    step,
+    wrapped: torch.nn.Module,
+    info: dict,
+) -> dict:
+    """FLOPs of one eager step, then ``args.steps`` timed steps after ``args.warmup``."""
+    model = wrapped._orig_mod if args.compile else wrapped
+    # FLOPs of one eager step (the compiled one runs the same matmuls). The attention runs on
+    # the math backend here: FlopCounterMode has no formula for the CPU's fused kernel
+    # (_scaled_dot_product_flash_attention_for_cpu) and would count its attention as 0 FLOPs
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         step(model)
     flops = counter.get_total_flops()
     for _ in range(args.warmup):
@@ -192,16 +261,11 @@ def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dic
         mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
-    ratio, block = cfg.model.resolved_mask()
     rec = {
         "bench": "step",
         "preset": preset,
         "mode": method,
-        "encoder": cfg.model.encoder,
-        "img_size": s,
-        "patch": cfg.model.patch_size,
-        "mask_ratio": ratio,
-        "mask_block": block,
+        **info,
         "batch": batch,
         "device": str(device),
         "dtype": args.dtype,
@@ -222,15 +286,9 @@ def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dic
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
-    ref = REFERENCE_IMG_PER_S.get((preset, method))
-    if (
-        ref is not None
-        and device.type == "cpu"
-        and dtype is None
-        and batch == BENCH_PRESETS[preset][0]
-    ):
-        rec["ref_img_per_s"] = ref
-        rec["x_ref"] = round(rec["img_per_s"] / ref, 3)
+    if preset in REFERENCE_GFLOP:
+        rec["ref_gflop_per_step"] = REFERENCE_GFLOP[preset]
+        rec["gflop_over_ref"] = round(flops / 1e9 / REFERENCE_GFLOP[preset], 4)
     return rec
 
 
@@ -250,7 +308,8 @@ def main() -> None:
     p.add_argument(
         "--preset",
         action="append",
-        help=f"bench preset ({', '.join(BENCH_PRESETS)}) or config preset / YAML (repeatable)",
+        help=f"bench preset ({', '.join([*BENCH_PRESETS, *SEG_PRESETS])}) or config preset / "
+        "YAML (repeatable)",
     )
     p.add_argument("--batch", type=int, help="batch size (default: the preset's, else 8)")
     p.add_argument("--mode", choices=["cmae", "mae", "both"], default="both")
@@ -278,9 +337,11 @@ def main() -> None:
         preset, method, batch = args.one
         print(json.dumps(bench(args, preset, method, int(batch))), flush=True)
         return
-    modes = ["mae", "cmae"] if args.mode == "both" else [args.mode]
     for preset in args.preset or DEFAULT_PRESETS:
-        batch = args.batch or BENCH_PRESETS.get(preset, (8,))[0]
+        modes = ["mae", "cmae"] if args.mode == "both" else [args.mode]
+        if preset in SEG_PRESETS:
+            modes = ["seg"]
+        batch = args.batch or {**BENCH_PRESETS, **SEG_PRESETS}.get(preset, (8,))[0]
         recs = {}
         for method in modes:
             res = subprocess.run(

@@ -152,3 +152,28 @@ def test_target_branch_export(ckpt, tmp_path, tiny_cfg, capsys):
     args = ["export", str(path), "--out", str(tmp_path / "f.safetensors"), "--format", "full"]
     assert main(args + ["--branch", "target"]) == 2
     assert "--branch" in capsys.readouterr().err
+
+
+def test_mae_export_is_mae_layout_and_loads_in_timm(ckpt, tmp_path, capsys):
+    path, model, _ = ckpt
+    out = tmp_path / "mae.pth"
+    assert main(["export", str(path), "--out", str(out), "--format", "mae"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    assert list(state) == ["model"]  # MAE's released files: {"model": encoder state dict}
+    enc = model.encoder.state_dict()
+    assert set(state["model"]) == set(enc)
+    assert all(torch.equal(state["model"][k], enc[k]) for k in enc)
+    dim, depth, heads = 192, 12, 3  # vit_tiny
+    vit = timm.create_model(
+        "vit_base_patch16_224",
+        img_size=16,
+        patch_size=4,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        num_classes=0,
+    )
+    vit.load_state_dict(state["model"], strict=True)  # timm names, nothing missing or extra
+    assert main(["export", str(path), "--out", str(out), "--format", "mae", "--img-size", "32"])
+    assert "--img-size" in capsys.readouterr().err

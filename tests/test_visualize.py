@@ -8,7 +8,7 @@ from PIL import Image
 
 from cmae.cli import main
 from cmae.config import to_dict
-from cmae.data.datasets import SyntheticShapes
+from cmae.data.datasets import DataError, SyntheticShapes
 from cmae.models.cmae import patchify
 from cmae.runtime.checkpoint import save_checkpoint
 from cmae.viz.plot import (
@@ -156,6 +156,32 @@ def test_plot_cli_and_errors(tmp_path, capsys, monkeypatch):
         plot_run(tmp_path / "run")
     assert main(["plot", str(tmp_path / "run")]) == 2
     assert "matplotlib" in capsys.readouterr().err
+
+
+@needs_mpl
+def test_plot_several_runs_on_shared_axes(tmp_path, capsys):
+    from cmae.viz.plot import _x_of, plot_runs, read_log
+
+    for name in ("mae", "cmae"):
+        write_log(tmp_path / name)
+        (tmp_path / name / "config.yaml").write_text("train:\n  batch_size: 10\n")
+    recs = read_log(tmp_path / "cmae")
+    knn = [r for r in recs if "knn_top1" in r]
+    # wall: 10 images a step at 100 img/s -> 0.1 s a step; epoch: the monitor's epoch + 1
+    assert [_x_of(recs, "wall", tmp_path / "cmae")(r) for r in knn] == pytest.approx([1.0, 2.0])
+    assert [_x_of(recs, "epoch", tmp_path / "cmae")(r) for r in knn] == [2, 3]
+    assert _x_of(recs, "epoch", tmp_path / "cmae")(recs[0]) is None  # no kNN in that record
+    runs = [str(tmp_path / "mae"), str(tmp_path / "cmae")]
+    for x in ("step", "epoch", "wall"):
+        out = tmp_path / f"cmp_{x}.png"
+        assert main(["plot", *runs, "--x", x, "--labels", "MAE", "CMAE", "--out", str(out)]) == 0
+        with Image.open(out) as im:
+            assert im.size == (PLOT_SIZE[0], PLOT_SIZE[1] // 2)
+    with pytest.raises(ValueError, match="2 labels for 1 runs"):
+        plot_runs(runs[:1], tmp_path / "x.png", labels=["a", "b"])
+    (tmp_path / "mae" / "config.yaml").unlink()
+    with pytest.raises(DataError, match="needs config.yaml"):
+        plot_runs(runs, tmp_path / "x.png", "wall")
 
 
 @needs_mpl

@@ -16,15 +16,16 @@ from cmae.config import (
     LinprobeConfig,
     load_config,
     load_eval_config,
+    load_segment_config,
 )
 from cmae.data.datasets import DataError
 from cmae.eval import finetune, knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.runtime.runlock import RunDirBusy
-from cmae.train import pretrain
+from cmae.train import pretrain, segment
 from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
-from cmae.viz.plot import MissingDependencyError, plot_run
+from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
 
@@ -75,6 +76,40 @@ def _evaluate(args: argparse.Namespace) -> None:
     command.run(cfg)
 
 
+def _segment(args: argparse.Namespace) -> None:
+    overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
+    if args.data is not None:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.out is not None:
+        overrides.append(f"out={json.dumps(args.out)}")
+    segment.run(load_segment_config(args.config, overrides + list(args.overrides)))
+
+
+def _add_segment_command(sub) -> None:
+    p = sub.add_parser("segment", help="semantic segmentation with UperNet (ADE20K protocol)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random'",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="ROOT with images/{training,validation}/ and annotations/{training,validation}/ "
+        "(ADE20K layout, optional classes.txt); default: built-in generated data",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: runs/segment)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset (ade20k_vit_base, camvid_cpu) or a YAML file, e.g. a previous OUT/config.yaml",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. iters=1000"
+    )
+    p.set_defaults(func=_segment)
+
+
 def _export(args: argparse.Namespace) -> None:
     if args.format == "timm":
         path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
@@ -85,6 +120,10 @@ def _export(args: argparse.Namespace) -> None:
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
             return
+    elif args.format == "mae":
+        if args.img_size is not None:
+            raise ConfigError("--img-size: only for --format timm (mae keeps the pretraining size)")
+        path = export.export_mae(args.checkpoint, args.out, args.branch)
     elif args.img_size is not None or args.branch != "online":
         raise ConfigError(
             "--img-size / --branch: only for --format timm (a full export keeps the whole model)"
@@ -116,19 +155,25 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    if len(args.run_dir) == 1 and args.x == "step" and args.labels is None:
+        print(f"wrote {plot_run(args.run_dir[0], args.out)}")
+        return
+    out = args.out or "compare.png"
+    print(f"wrote {plot_runs(args.run_dir, out, args.x, args.labels)}")
 
 
 def _add_interop_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint: timm encoder or full pretraining state")
     p.add_argument("checkpoint", help="checkpoint.pt of `cmae pretrain` (or an imported one)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output file (.safetensors; .pth for mae)")
     p.add_argument(
         "--format",
-        choices=("timm", "full"),
+        choices=("timm", "full", "mae"),
         default="timm",
         help="timm: online encoder, timm VisionTransformer names (default; a ConvViT encoder "
-        "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining",
+        "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining; "
+        "mae: a .pth with {'model': encoder state dict} in timm names, as MAE released (for "
+        "detectron2 ViTDet / mmsegmentation; ViT only)",
     )
     p.add_argument(
         "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"
@@ -137,7 +182,7 @@ def _add_interop_commands(sub) -> None:
         "--branch",
         choices=("online", "target"),
         default="online",
-        help="timm: the online encoder (default) or the momentum target encoder (CMAE only)",
+        help="timm / mae: the online encoder (default) or the momentum target encoder (CMAE only)",
     )
     p.set_defaults(func=_export)
 
@@ -180,9 +225,22 @@ def _add_interop_commands(sub) -> None:
     p.add_argument("--tile", type=int, default=96, help="tile size in pixels (default 96)")
     p.set_defaults(func=_visualize)
 
-    p = sub.add_parser("plot", help="loss / lr / momentum / kNN curves of a run (matplotlib)")
-    p.add_argument("run_dir", help="run directory with log.jsonl")
-    p.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    p = sub.add_parser(
+        "plot", help="curves of a run, or kNN / loss of several runs on shared axes (matplotlib)"
+    )
+    p.add_argument("run_dir", nargs="+", help="run directory (or several) with log.jsonl")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output PNG (default RUN_DIR/curves.png for one run, compare.png for several)",
+    )
+    p.add_argument(
+        "--x",
+        choices=["step", "epoch", "wall"],
+        default="step",
+        help="x axis of a comparison: step, epoch, or training time (equal-wall-time view)",
+    )
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
     p.set_defaults(func=_plot)
 
 
@@ -227,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. k=10"
         )
         p.set_defaults(func=_evaluate)
+    _add_segment_command(sub)
     _add_interop_commands(sub)
     return parser
 

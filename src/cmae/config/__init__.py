@@ -27,11 +27,23 @@ from cmae.config.pretrain import (
     load_config,
     validate,
 )
+from cmae.config.segment import (
+    SegDataConfig,
+    SegEncoderConfig,
+    SegmentConfig,
+    SegModelConfig,
+    load_segment_config,
+    validate_segment,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "REFERENCE_MASK",
+    "SegDataConfig",
+    "SegEncoderConfig",
+    "SegModelConfig",
+    "SegmentConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -47,9 +59,11 @@ __all__ = [
     "from_dict",
     "load_config",
     "load_eval_config",
+    "load_segment_config",
     "parse_overrides",
     "preset_path",
     "to_dict",
     "validate",
     "validate_eval",
+    "validate_segment",
 ]

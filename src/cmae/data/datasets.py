@@ -98,6 +98,22 @@ def _color(rng: np.random.Generator) -> np.ndarray:
 
 def render_shape(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one image of class ``label`` (index into SHAPE_CLASSES) at ``size`` x ``size``."""
+    return _render_shape(label, size, rng)[0]
+
+
+def render_shape_mask(
+    label: int, size: int, rng: np.random.Generator
+) -> tuple[Image.Image, np.ndarray]:
+    """``render_shape``'s image and its shape mask ([size, size] bool: the pixels at least
+    half covered by the shape), for the generated segmentation data."""
+    img, mask = _render_shape(label, size, rng)
+    small = mask.resize((size, size), Image.Resampling.BOX)
+    return img, np.asarray(small) >= 128
+
+
+def _render_shape(
+    label: int, size: int, rng: np.random.Generator
+) -> tuple[Image.Image, Image.Image]:
     ss = 4  # supersampling for anti-aliased edges
     big = size * ss
     # background: flat colour, optionally a linear gradient, plus mild noise
@@ -192,7 +208,7 @@ def render_shape(label: int, size: int, rng: np.random.Generator) -> Image.Image
     img = bg * (1 - alpha) + fg * alpha
     img = img + rng.normal(0, rng.uniform(0, 12), img.shape[:2] + (1,)).astype(np.float32)
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
-    return out.resize((size, size), Image.Resampling.LANCZOS)
+    return out.resize((size, size), Image.Resampling.LANCZOS), mask
 
 
 # ---------------------------------------------------------------------------------------------

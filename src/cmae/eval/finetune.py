@@ -113,24 +113,22 @@ def build_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int)
     )
 
 
-def layer_decay_groups(
-    model: VisionTransformer | ConvViTClassifier, weight_decay: float, layer_decay: float
-) -> list[dict]:
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``: patch embed,
     cls token and pos-embed are layer 0, block i is layer i + 1, norm and head depth + 1. No
     weight decay on 1-D parameters and ``no_weight_decay()``; frozen parameters left out.
     A ConvViT has ``depth + 4`` layers (``ConvViTClassifier.layer_id``: stage 1, stage 2, the
-    stage-3 embedding, each transformer block, head), the same rule otherwise."""
-    if isinstance(model, ConvViTClassifier):
+    stage-3 embedding, each transformer block, head), the same rule otherwise; so does any model
+    with ``num_layers`` / ``layer_id(name)`` / ``no_weight_decay()`` (``cmae segment``'s UperNet:
+    its pyramid and heads are the top layer)."""
+    if isinstance(model, ConvViTClassifier) or hasattr(model, "layer_id"):
         return _groups_by_layer(model, weight_decay, layer_decay)
     return param_groups_layer_decay(
         model, weight_decay, model.no_weight_decay(), layer_decay=layer_decay
     )
 
 
-def _groups_by_layer(
-    model: ConvViTClassifier, weight_decay: float, layer_decay: float
-) -> list[dict]:
+def _groups_by_layer(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     top = model.num_layers - 1
     skip = model.no_weight_decay()
     groups: dict[tuple[int, bool], dict] = {}

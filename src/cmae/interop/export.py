@@ -185,6 +185,31 @@ def export_encoder(
 BRANCHES = {"online": "encoder.", "target": "target_encoder."}
 
 
+def export_mae(ckpt: str | Path, out: str | Path, branch: str = "online") -> Path:
+    """``cmae export --format mae``: ``{"model": state_dict}`` in a torch file with timm key
+    names, the layout of MAE's released ``mae_pretrain_vit_*.pth``, which detectron2's ViTDet
+    and mmsegmentation's MAE converter read. ViT encoders only."""
+    state, cfg = load_pretraining_state(ckpt)
+    if cfg.model.encoder in CONVVIT_SIZES:
+        raise CheckpointError(
+            f"{ckpt}: {cfg.model.encoder} is a hybrid ConvViT; MAE's layout holds a plain ViT "
+            "(use --format timm, which writes its own state dict)"
+        )
+    if branch not in BRANCHES:
+        raise ConfigError(f"--branch: expected one of {sorted(BRANCHES)}, got {branch!r}")
+    prefix = BRANCHES[branch]
+    enc = {
+        k[len(prefix) :]: v.detach().cpu().contiguous().clone()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
+    if not enc:
+        raise CheckpointError(f"{ckpt}: has no {branch} encoder (an MAE run has no target)")
+    out = Path(out)
+    save_checkpoint({"model": enc}, out)
+    return out
+
+
 def _write_encoder(
     state: dict[str, Tensor],
     cfg: Config,

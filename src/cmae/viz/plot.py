@@ -103,6 +103,85 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def plot_runs(
+    run_dirs: list[str | Path],
+    out: str | Path,
+    x_axis: str = "step",
+    labels: list[str] | None = None,
+) -> Path:
+    """Several runs on shared axes (kNN top-1, total loss, contrastive loss), one line per run,
+    to compare e.g. MAE and CMAE over training length. ``x_axis``: ``step``, ``epoch`` (the
+    kNN monitor's epoch + 1) or ``wall`` (seconds, from the logged img/s and batch sizes,
+    for equal-wall-time comparisons)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise MissingDependencyError(
+            "plotting needs matplotlib: pip install 'cmae[vis]' (or pip install matplotlib)"
+        ) from e
+    if x_axis not in ("step", "epoch", "wall"):
+        raise ValueError(f"x_axis: expected step, epoch or wall, got {x_axis!r}")
+    runs = [Path(r).expanduser() for r in run_dirs]
+    names = labels or [r.name for r in runs]
+    if len(names) != len(runs):
+        raise ValueError(f"{len(names)} labels for {len(runs)} runs")
+    dpi = 100
+    fig = Figure(
+        figsize=(PLOT_SIZE[0] / dpi, PLOT_SIZE[1] / dpi / 2), dpi=dpi, layout="constrained"
+    )
+    axes = fig.subplots(1, 3)
+    panels = (
+        ("knn_top1", "kNN top-1 (%)"),
+        ("loss", "total loss"),
+        ("loss_contrast", "contrastive loss"),
+    )
+    for run, name in zip(runs, names, strict=True):
+        records = read_log(run)
+        to_x = _x_of(records, x_axis, run)
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            pts = [(to_x(r), float(r[key])) for r in records if _number(r.get(key))]
+            pts = [p for p in pts if p[0] is not None]
+            if pts and not (key == "loss_contrast" and all(v == 0 for _, v in pts)):
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, label=name, marker="o" if key == "knn_top1" else None)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel({"step": "step", "epoch": "epoch", "wall": "training time (s)"}[x_axis])
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize="small")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _x_of(records: list[dict[str, Any]], x_axis: str, run: Path):
+    """record -> its x value (None when the record has none) for ``plot_runs``."""
+    if x_axis == "step":
+        return lambda r: r.get("step")
+    if x_axis == "epoch":
+        return lambda r: r["epoch"] + 1 if "knn_top1" in r else None
+    cfg_file = run / "config.yaml"
+    batch = (
+        yaml.safe_load(cfg_file.read_text())["train"]["batch_size"] if cfg_file.is_file() else None
+    )
+    if batch is None:
+        raise DataError(f"{run}: --x wall needs config.yaml (the batch size) beside log.jsonl")
+    wall, last, at = 0.0, 0, {}
+    for r in records:  # seconds spent up to each logged step, from the logged img/s
+        if _number(r.get("img_per_s")) and r["img_per_s"] > 0 and isinstance(r.get("step"), int):
+            wall += (r["step"] - last) * batch / r["img_per_s"]
+            last = r["step"]
+        if isinstance(r.get("step"), int):
+            at.setdefault(r["step"], wall)
+    return lambda r: at.get(r.get("step"))
+
+
 def write_summary(
     run_dir: str | Path,
     config: dict[str, Any],
