@@ -3,6 +3,8 @@ errors that never cost the last good checkpoint, and the save / resume config fl
 
 import errno
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from cmae.config import load_config
 from cmae.runtime import checkpoint
 from cmae.runtime.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     RunCheckpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -18,6 +21,7 @@ from cmae.runtime.checkpoint import (
     periodic_name,
     remove_stale_temps,
     save_checkpoint,
+    save_encoder,
 )
 from cmae.train.pretrain import run
 from cmae.train.resume import RESUME_KEYS, find_resume
@@ -51,7 +55,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsy
     assert [p for _, _, p in periodic_checkpoints(tmp_path)] == [good]  # not pruned
     assert torch.equal(load_checkpoint(good)["model"]["w"], torch.ones(4))
     assert not list((tmp_path / "checkpoints").glob(".*.tmp")), "temp file left behind"
-    with pytest.raises(OSError):  # the final checkpoint cannot be skipped: it raises
+    with pytest.raises(CheckpointWriteError, match=str(good)):  # the final one raises
         ckpts.save_final(state(8))
 
 
@@ -142,8 +146,11 @@ def test_save_flags_choose_which_checkpoints_are_written(tmp_path):
 def test_resume_auto_continues_and_never_restarts(tmp_path, capsys):
     out = tmp_path / "run"
     train(out, **{"train.max_steps": 3})
-    train(out, **{"train.max_steps": 6})  # resume=auto: from checkpoint.pt at step 3
+    summary = train(out, **{"train.max_steps": 6})  # resume=auto: from checkpoint.pt at step 3
     assert "resuming from" in capsys.readouterr().out
+    # the speed of this segment: its 3 steps of 4 images over its own wall time
+    assert summary["steps"] == 6
+    assert summary["img_per_s"] * summary["wall_s"] == pytest.approx(3 * 4)
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
     train(out, **{"train.max_steps": 2, "train.resume": "never"})
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6, 1, 2]  # appended, from scratch
@@ -171,3 +178,20 @@ def test_disk_full_during_training_loses_nothing(tmp_path, monkeypatch, capsys):
     # step 2 was saved, 4 (the epoch end) and 6 failed: step 2 stays, and the final one
     assert [s for s, _, _ in periodic_checkpoints(out)] == [2]
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_encoder_file_mode_follows_the_umask_like_checkpoints(tmp_path, umask):
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(2, 2)
+    old = os.umask(umask)
+    try:
+        save_checkpoint(state(1), tmp_path / "checkpoint.pt")
+        save_encoder(model, tmp_path / "encoder.safetensors")
+    finally:
+        os.umask(old)
+    modes = {
+        stat.S_IMODE((tmp_path / f).stat().st_mode)
+        for f in ("checkpoint.pt", "encoder.safetensors")
+    }
+    assert modes == {0o666 & ~umask}

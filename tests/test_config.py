@@ -108,6 +108,43 @@ def test_parse_overrides_nesting():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.inf",
+        "train.blr=.nan",
+        "train.min_lr=.inf",
+        "train.weight_decay=.inf",
+        "train.momentum=.nan",
+        "train.momentum_end=-.inf",
+    ],
+)
+def test_non_finite_numbers_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number"):
+        load_config("quick", [override])
+
+
+@pytest.mark.parametrize(
+    "raw, value", [("1e6", 1e6), ("1E-4", 1e-4), ("2.5e+3", 2500.0), (".5e1", 5.0)]
+)
+def test_exponent_without_dot_is_a_number(raw, value):
+    # PyYAML (YAML 1.1) reads 1e6 as a string; the config reads it as the number it spells
+    assert load_config("quick", [f"train.lr={raw}"]).train.lr == value
+    assert load_config("quick", [f"model.temperature={raw}"]).model.temperature == value
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config("quick", [f"train.epochs={raw}"])
+
+
+def test_yaml_syntax_error_is_one_line_naming_the_file_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    msg = str(e.value)
+    assert msg.count(str(bad)) == 1 and "\n" not in msg and "line 3, column 9" in msg
+
+
 def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
     f = tmp_path / "f.yaml"
     f.write_text("extends: tiny\ntrain:\n  lr: 1e-3\n  blr: 1e6\n")

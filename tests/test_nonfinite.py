@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cmae.config import load_config
+from cmae.config import ConfigError, load_config
 from cmae.data.views import normalize
 from cmae.models.cmae import CMAE
 from cmae.runtime.checkpoint import load_checkpoint, nonfinite_tensors, periodic_checkpoints
@@ -136,3 +136,38 @@ def test_m_bad_steps_in_a_row_stop_with_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoint.pt").exists()
     for _, _, path in saved:
         assert not nonfinite_tensors(load_checkpoint(path))
+
+
+def test_step_leaving_non_finite_weights_is_a_bad_step(tiny_model):
+    model = tiny_model().train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=True)
+    bad = BadSteps(torch.device("cpu"))
+    weight = model.encoder.blocks[0].mlp.fc1.weight
+    real_step = opt.step
+
+    def overflowing_step(*args, **kwargs):  # finite gradients in, a non-finite weight out
+        real_step(*args, **kwargs)
+        with torch.no_grad():
+            weight[0, 0] = float("inf")
+
+    opt.step = overflowing_step
+    out = train_one_step(model, opt, batch(0), 1e-3, 0.9, bad_steps=bad)
+    assert torch.isfinite(out.loss)
+    assert bad.total.item() == 1, "not counted as a bad step"
+    with pytest.raises(NonFiniteError, match="weights became non-finite.*up to step 1"):
+        bad.check(max_bad=20, step=1)
+
+
+@pytest.mark.parametrize("lr, momentum", [(float("inf"), 0.9), (1e-3, float("nan"))])
+def test_non_finite_lr_or_momentum_is_refused_before_the_step(tiny_model, lr, momentum):
+    model = tiny_model().train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="non-finite lr"):
+        train_one_step(model, opt, batch(0), lr, momentum)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_infinite_lr_in_the_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.lr: must be a finite number"):
+        load_config(None, tiny_overrides(**{"train.lr": ".inf"}))

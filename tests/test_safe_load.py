@@ -4,6 +4,7 @@ are errors that name their key."""
 
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -36,6 +37,25 @@ def test_code_running_pickle_is_refused(tmp_path, writer):
     with pytest.raises(CheckpointError, match="refusing to load"):
         find_resume(str(path), tmp_path)
     assert not marker.exists(), "the pickle ran code"
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (random.Random(0).randbytes(4096), "it is not a checkpoint"),
+        (b"", "corrupt or truncated: it is empty"),
+        (b"PK\x03\x04 zip header only", "corrupt or truncated"),
+    ],
+)
+def test_random_bytes_are_not_a_checkpoint_in_one_line(tmp_path, content, why):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    assert "weights_only=False" not in msg and "arbitrary code" not in msg
+    assert why in msg
 
 
 def test_malicious_newest_checkpoint_is_skipped_on_auto_resume(tmp_path, capsys):

@@ -11,7 +11,14 @@ from cmae.config import to_dict
 from cmae.data.datasets import DataError, SyntheticShapes
 from cmae.models.cmae import patchify
 from cmae.runtime.checkpoint import save_checkpoint
-from cmae.viz.plot import PLOT_SIZE, MissingDependencyError, plot_run, write_summary
+from cmae.viz.plot import (
+    PLOT_SIZE,
+    MissingDependencyError,
+    plot_run,
+    read_log,
+    series,
+    write_summary,
+)
 from cmae.viz.visualize import (
     COLUMNS,
     HEADER,
@@ -269,3 +276,16 @@ def test_vis_every_is_validated():
 
     with pytest.raises(ConfigError, match="train.vis_every"):
         load_config(None, ["train.vis_every=-1"])
+
+
+def test_resumed_steps_are_drawn_once(tmp_path):
+    # killed after step 6, resumed from the step-4 checkpoint: steps 5-6 were trained again
+    recs = [{"step": s, "loss": 1.0} for s in range(1, 7)]
+    recs += [{"step": 4, "resumed_from": "checkpoints/step-000000004.pt"}]
+    recs += [{"step": s, "loss": 2.0} for s in range(5, 9)]
+    recs += [{"step": 8, "epoch": 1, "knn_top1": 50.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    steps, losses = series(read_log(tmp_path), "loss")
+    assert steps == list(range(1, 9))
+    assert losses == [1.0] * 4 + [2.0] * 4  # the retrained steps' values, not the lost ones
+    assert series(read_log(tmp_path), "knn_top1") == ([8], [50.0])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+
+from tqdm import tqdm
 
 from cmae.config import (
     ConfigError,
@@ -19,19 +22,35 @@ from cmae.data.datasets import DataError
 from cmae.eval import finetune, knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.runlock import RunDirBusy
 from cmae.train import pretrain, segment
-from cmae.train.faults import EXIT_PREEMPTED, NonFiniteError, Preempted
+from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    if args.out is not None:
-        overrides.append(f"train.out={args.out}")
-    pretrain.run(load_config(args.config, overrides))
+    # a stop signal before the run installs its own handler (config, data probing, model
+    # building) ends the start-up with a message and exit 75, like one during training
+    previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
+    try:
+        overrides = list(args.overrides)
+        if args.data is not None:
+            overrides.append(f"data.path={args.data}")
+        if args.out is not None:
+            overrides.append(f"train.out={args.out}")
+        pretrain.run(load_config(args.config, overrides))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class StoppedInStartup(Exception):
+    """A stop signal arrived before training began: nothing to save."""
+
+
+def _stopped_in_startup(signum: int, frame) -> None:
+    raise StoppedInStartup(signal.Signals(signum).name)
 
 
 EVAL_COMMANDS = {
@@ -291,10 +310,32 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except Preempted:  # a stop signal; the state is saved and the message printed
         return EXIT_PREEMPTED
-    except (ConfigError, DataError, CheckpointError, MissingDependencyError, NonFiniteError) as e:
-        print(f"cmae {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: what was saved stays; 128 + SIGINT, as shells report
+        resume = " (it resumes from the last checkpoint)" if args.command == "pretrain" else ""
+        _say(f"cmae {args.command}: interrupted; run the same command again{resume}")
+        return 130
+    except StoppedInStartup as e:
+        _say(
+            f"cmae {args.command}: stopped by {e} during start-up, before training (nothing "
+            "to save); run the same command again"
+        )
+        return EXIT_PREEMPTED
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        MissingDependencyError,
+        NonFiniteError,
+        RunDirBusy,
+    ) as e:
+        _say(f"cmae {args.command}: error: {e}")
         return 2
     return 0
+
+
+def _say(msg: str) -> None:
+    # on its own line, also after a progress bar an error interrupted (tqdm clears it first)
+    tqdm.write(msg, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ preset lookup, ``extends`` and error messages in the project's words."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
         # OmegaConf's YAML reader: 1e6 is a number, as in YAML 1.2 (PyYAML reads a string)
         data = OmegaConf.to_container(OmegaConf.load(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}") from e
     if not isinstance(data, dict):
@@ -57,6 +58,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
         return data
     base = OmegaConf.create(load_yaml(preset_path(extends)))
     return OmegaConf.to_container(OmegaConf.merge(base, data))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: what' (PyYAML's own text spans lines and names '<unicode string>')."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -98,10 +107,18 @@ def _apply(cfg: DictConfig, cls: type, values: Any, prefix: str) -> None:
         # OmegaConf reads 1 as true; a number where a flag belongs is more likely a mistake
         if tp is bool and not isinstance(value, bool):
             raise ConfigError(f"{prefix}{key}: expected true/false, got {value!r}")
+        if _nonfinite(value):  # train.lr=.inf made every weight NaN in the first step
+            raise ConfigError(f"{prefix}{key}: must be a finite number, got {value!r}")
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException:
             raise ConfigError(f"{prefix}{key}: expected {_expected(tp)}, got {value!r}") from None
+
+
+def _nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, (list, tuple)) and any(map(_nonfinite, value))
 
 
 def _leaves(d: dict[str, Any], parent: str = "") -> list[tuple[str, Any]]:

@@ -24,10 +24,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from cmae.config import ConfigError, ModelConfig, compose, load_config, to_dict
-from cmae.models.cmae import build_encoder
+from cmae.models.cmae import build_encoder, make_encoder
 from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
 from cmae.models.vit import ENCODER_SIZES, ViTEncoder, vit_size
-from cmae.runtime.checkpoint import CheckpointError, load_checkpoint
+from cmae.runtime.checkpoint import CheckpointError, check_weights, load_checkpoint
 
 
 class EncoderWeights(NamedTuple):
@@ -66,19 +66,41 @@ def load_encoder_weights(checkpoint: str, preset: str = "quick", seed: int = 0) 
         model_cfg = compose(ModelConfig, [("", ckpt["config"]["model"])], prefix="model.")
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config does not describe a model: {e}") from e
+    try:
+        known = model_cfg.encoder in CONVVIT_SIZES or vit_size(model_cfg.encoder) is not None
+    except ValueError as e:  # a vit_{W}x{D}h{H} name that cannot be built
+        raise CheckpointError(f"{path}: its config's model.encoder: {e}") from e
+    if not known:
+        names = ", ".join([*ENCODER_SIZES, *CONVVIT_SIZES, "vit_{W}x{D}h{H}"])
+        raise CheckpointError(
+            f"{path}: its config names an unknown encoder {model_cfg.encoder!r} (known: {names})"
+        )
     prefix = "encoder."
     state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     data = ckpt["config"].get("data", {})
     mean, std = data.get("mean"), data.get("std")
-    return EncoderWeights(
-        state,
-        model_cfg.encoder,
-        model_cfg.img_size,
-        model_cfg.patch_size,
-        tuple(mean) if mean is not None else None,
-        tuple(std) if std is not None else None,
-        source,
+    return _checked(
+        path,
+        EncoderWeights(
+            state,
+            model_cfg.encoder,
+            model_cfg.img_size,
+            model_cfg.patch_size,
+            tuple(mean) if mean is not None else None,
+            tuple(std) if std is not None else None,
+            source,
+        ),
     )
+
+
+def _checked(path: Path, weights: EncoderWeights) -> EncoderWeights:
+    """``weights`` if every tensor is there with the shape its encoder needs, else a one-line
+    CheckpointError naming the file, key and shapes."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = make_encoder(weights.encoder, weights.img_size, weights.patch_size)
+    what = f"a {weights.encoder} encoder ({weights.img_size} px, patch {weights.patch_size})"
+    check_weights(path, weights.state, expected.state_dict(), what)
+    return weights
 
 
 def _from_safetensors(path: Path, source: str) -> EncoderWeights:
@@ -103,22 +125,34 @@ def _from_safetensors(path: Path, source: str) -> EncoderWeights:
             img_size, patch = int(sizes["img_size"]), int(sizes["patch_size"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: ConvViT weights without img_size / patch_size") from e
-        return EncoderWeights(
-            state,
-            name or meta["encoder"],
-            img_size,
-            patch,
-            tuple(mean) if mean else None,
-            tuple(std) if std else None,
-            source,
+        return _checked(
+            path,
+            EncoderWeights(
+                state,
+                name or meta["encoder"],
+                img_size,
+                patch,
+                tuple(mean) if mean else None,
+                tuple(std) if std else None,
+                source,
+            ),
         )
-    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+    missing = [k for k in ("cls_token", "patch_embed.proj.weight", "pos_embed") if k not in state]
+    if len(missing) == 3:
         raise CheckpointError(f"{path}: not a ViT encoder with timm key names")
+    if missing:
+        raise CheckpointError(f"{path}: {missing[0]} is missing (a ViT encoder needs it)")
     # the shapes fix width, depth, patch and grid; the metadata names the size (for the heads)
     dim = state["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     patch = state["patch_embed.proj.weight"].shape[-1]
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    pos = state["pos_embed"].shape
+    grid = math.isqrt(pos[1] - 1) if len(pos) == 3 and pos[1] > 1 else 0
+    if grid * grid + 1 != (pos[1] if len(pos) == 3 else -1):
+        raise CheckpointError(
+            f"{path}: pos_embed has shape [{', '.join(map(str, pos))}], not [1, 1 + g*g, "
+            f"{dim}] of a square g x g patch grid"
+        )
     name = name or meta.get("encoder")
     if name is None:
         name = next((n for n, (d, L, _) in ENCODER_SIZES.items() if (d, L) == (dim, depth)), None)
@@ -128,14 +162,17 @@ def _from_safetensors(path: Path, source: str) -> EncoderWeights:
         raise CheckpointError(f"{path}: {e}") from e
     if size is None or size[:2] != (dim, depth):
         raise CheckpointError(f"{path}: width {dim}, depth {depth} match no known encoder size")
-    return EncoderWeights(
-        state,
-        name,
-        grid * patch,
-        patch,
-        tuple(mean) if mean else None,
-        tuple(std) if std else None,
-        source,
+    return _checked(
+        path,
+        EncoderWeights(
+            state,
+            name,
+            grid * patch,
+            patch,
+            tuple(mean) if mean else None,
+            tuple(std) if std else None,
+            source,
+        ),
     )
 
 

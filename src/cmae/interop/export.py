@@ -43,7 +43,13 @@ from cmae.config import Config, ConfigError, ModelConfig, from_dict, to_dict, va
 from cmae.models.cmae import CMAE, build_model
 from cmae.models.convvit import CONVVIT_SIZES
 from cmae.models.vit import ENCODER_SIZES, sincos_pos_embed, vit_name, vit_size
-from cmae.runtime.checkpoint import CheckpointError, _atomic_write, load_checkpoint, save_checkpoint
+from cmae.runtime.checkpoint import (
+    CheckpointError,
+    _atomic_write,
+    check_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 FORMAT_TIMM = "timm.VisionTransformer"
 FORMAT_CONVVIT = "cmae.ConvViT"
@@ -76,9 +82,13 @@ def load_pretraining_state(path: str | Path) -> tuple[dict[str, Tensor], Config]
             raise CheckpointError(f"{path}: not a cmae checkpoint (needs 'model' and 'config')")
         state, config = ckpt["model"], ckpt["config"]
     try:
-        return state, from_dict(config)
+        cfg = from_dict(config)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config is invalid: {e}") from e
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = build_model(cfg.model).state_dict()
+    check_weights(path, state, expected, f"the {cfg.model.encoder} model its config describes")
+    return state, cfg
 
 
 def load_model(path: str | Path) -> tuple[CMAE, Config]:

@@ -123,7 +123,7 @@ class ConvViT(nn.Module):
         self.grid = img_size // patch_size
         self.strides = (patch_size // (MERGE * MERGE), MERGE, MERGE)
         # stochastic depth rises linearly over all blocks of the three stages (ConvMAE)
-        dpr = torch.linspace(0, drop_path, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # also on meta
         a, b = depths[0], depths[0] + depths[1]
         dpr1, dpr2, dpr3 = dpr[:a], dpr[a:b], dpr[b:]
 

@@ -113,7 +113,7 @@ class ViTEncoder(nn.Module):
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid)[None], requires_grad=False)
-        dpr = torch.linspace(0, drop_path, depth).tolist()
+        dpr = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # also on meta
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

@@ -2,40 +2,115 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
+import warnings
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or unsafe; the message names the file."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A file could not be written (disk full, quota, I/O error); the older files are intact."""
+
+
 def _atomic_write(path: Path, write) -> None:
     # temp file in the same directory, fsync, rename: a crash never leaves a half-written file
-    # under the final name, and the previous good file survives a failed save
+    # under the final name, and the previous good file survives a failed save. The pid in the
+    # name lets a later start tell a dead save's temp file from a live one (remove_stale_temps)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is a normal file
     try:
         write(tmp)
+        # mkstemp makes it private and safetensors recreates it 0600; the result is a normal
+        # file, readable as the umask allows (others on a shared cluster read checkpoints)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    # a full disk reaches us as torch's RuntimeError ("unexpected pos ...") or safetensors'
+    # SafetensorError, not only OSError: all are a failed write of this one file
+    except (OSError, RuntimeError, SafetensorError) as e:
+        detail = _write_detail(e)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    else:
+        return
+    # out of the except clause, so the exception (whose frames hold torch's failed writer, and
+    # with it the temp file open) is gone: collected, its disk space is free again, which
+    # matters on a full disk where training goes on
+    gc.collect()
+    Path(tmp).unlink(missing_ok=True)
+    raise CheckpointWriteError(f"could not write {path}: {detail}{_free_space(path)}")
+
+
+def _write_detail(e: BaseException) -> str:
+    detail = _first_line(e)
+    if isinstance(e, RuntimeError) and "unexpected pos" in detail:
+        # torch's writer checks its position after each record and names no cause
+        detail = f"the write stopped short, e.g. disk full, quota or file-size limit ({detail})"
+    return detail
+
+
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    return f"; {free / 2**20:.1f} MiB free on its file system"
+
+
+def save_text(path: str | Path, text: str) -> None:
+    """Write a small text file atomically (config.yaml, summary.json): whole or not at all."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+class RunLog:
+    """``RUN/log.jsonl``, appended one JSON record per line. A failed write (disk full) is
+    reported once and training goes on: the log is for reading, the checkpoints hold the
+    state."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.file = open(self.path, "a")
+        self.failed = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if not self.failed:
+                warn(f"could not write to {self.path} ({e}); training goes on, unlogged")
+            self.failed = True
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:  # its buffered records could not be written: reported above
+            pass
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -53,14 +128,70 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # a foreign pickle's protocol: we say what is wrong
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        # torch's message is many lines and advises weights_only=False: never pass that on
+        code = _BLOCKED_GLOBAL.search(str(e))
+        if code:
+            raise CheckpointError(
+                f"refusing to load {path}: loading it would run code ({code[1]}), which a "
+                "checkpoint of plain tensors never needs"
+            ) from e
+        why = _UNPICKLER_ERROR.search(str(e))
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint "
-            f"(loading it would need arbitrary code; weights_only=True rejected it: {e})"
+            f"refusing to load {path}: it is not a checkpoint (not a file torch.save wrote"
+            f"{': ' + why[1].strip() if why else ''})"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {e}") from e
+        why = "it is empty" if path.stat().st_size == 0 else _first_line(e)
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {why}") from e
+
+
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    # torch's zip reader appends a paragraph of advice after its first sentence
+    return text.splitlines()[0].split(". This is an internal")[0] if text else type(e).__name__
+
+
+def check_weights(
+    path: str | Path,
+    found: Mapping[str, Any],
+    expected: Mapping[str, torch.Tensor],
+    what: str,
+    ignore_missing: Collection[str] = (),
+    ignore_unexpected: Collection[str] = (),
+) -> None:
+    """Before ``load_state_dict``: a one-line ``CheckpointError`` naming ``path``, the first
+    key that is missing, unexpected or of the wrong shape (expected vs found) for ``what``
+    (e.g. "a vit_tiny encoder"), and how many more there are; torch's own error lists them all
+    over many lines."""
+    problems = []
+    for key, ref in expected.items():
+        if key not in found:
+            if key not in ignore_missing:
+                problems.append(f"{key} is missing ({what} needs [{_shape(ref)}])")
+        elif not isinstance(found[key], torch.Tensor):
+            problems.append(f"{key} is a {type(found[key]).__name__}, not a tensor")
+        elif found[key].shape != ref.shape:
+            problems.append(f"{key} has shape [{_shape(found[key])}], {what} needs [{_shape(ref)}]")
+    problems += [
+        f"unexpected {key} ({what} has no such weight)"
+        for key in found
+        if key not in expected and key not in ignore_unexpected
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path}: {problems[0]}{more}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return ", ".join(map(str, t.shape))
 
 
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,15 +249,36 @@ def periodic_checkpoints(run_dir: str | Path) -> list[tuple[int, int | None, Pat
 
 
 def remove_stale_temps(run_dir: str | Path) -> None:
-    """Delete temp files of saves that a kill interrupted (they never replaced a checkpoint)."""
+    """Delete temp files of saves that a kill interrupted (they never replaced a checkpoint).
+
+    A temp file whose writer (the pid in its name) is still alive on this host is left alone:
+    it may be a save in flight of another command writing into the directory. Call it with
+    the run directory's lock held (cmae.runtime.runlock), so no other run writes there."""
     run_dir = Path(run_dir)
     for folder in (run_dir, run_dir / CHECKPOINT_DIR):
         for tmp in folder.glob(".*.tmp"):
+            pid = _TEMP_PID.search(tmp.name)
+            if pid and int(pid[1]) != os.getpid() and _pid_alive(int(pid[1])):
+                continue
             tmp.unlink(missing_ok=True)
 
 
+_TEMP_PID = re.compile(r"\.(\d+)\.[^.]+\.tmp$")  # .NAME.PID.RANDOM.tmp (_atomic_write)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    # on its own line, also while a progress bar is drawn (it is redrawn below)
+    tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
 def latest_checkpoint(run_dir: str | Path, required: tuple[str, ...]) -> tuple[Path, dict] | None:
@@ -179,23 +331,31 @@ class RunCheckpoints:
         path = self.dir / periodic_name(step, epoch)
         try:
             save_checkpoint(state, path)
-        except OSError as e:
-            last = periodic_checkpoints(self.dir.parent)
-            kept = f"the last good one is {last[-1][2]}" if last else "no earlier checkpoint"
-            warn(f"could not save the step-{step} checkpoint ({e}); {kept}; training goes on")
+        except CheckpointWriteError as e:
+            warn(f"step {step}: {e}; {self.last_good()}; training goes on")
             return None
         self.prune()
         return path
 
     def save_final(self, state: dict[str, Any]) -> Path:
         """RUN/checkpoint.pt, the file the other commands read; unlike a periodic save a
-        failure raises (the periodic checkpoints stay)."""
+        failure raises ``CheckpointWriteError`` naming the last good periodic checkpoint (they
+        stay; a rerun resumes from it and writes the final one)."""
         bad = nonfinite_tensors(state)
         if bad:
             raise CheckpointError(f"refusing to save: non-finite values in {', '.join(bad[:5])}")
         path = self.dir.parent / FINAL_NAME
-        save_checkpoint(state, path)
+        try:
+            save_checkpoint(state, path)
+        except CheckpointWriteError as e:
+            raise CheckpointWriteError(
+                f"{e}; {self.last_good()}; free space and run the same command again"
+            ) from e
         return path
+
+    def last_good(self) -> str:
+        last = periodic_checkpoints(self.dir.parent)
+        return f"the last good checkpoint is {last[-1][2]}" if last else "no earlier checkpoint"
 
     def prune(self) -> None:
         found = periodic_checkpoints(self.dir.parent)

@@ -14,6 +14,9 @@ saves a checkpoint and raises ``Preempted``, which ``cmae pretrain`` turns into 
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Iterable, Sequence
@@ -56,6 +59,15 @@ def grads_finite(params: Iterable[nn.Parameter]) -> Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(grads))
 
 
+def weights_finite(params: Iterable[nn.Parameter]) -> Tensor:
+    """0-dim bool on the device: are all ``params`` finite? (one fused max-norm, no host sync;
+    the max, unlike the 2-norm, cannot overflow for finite values)"""
+    params = list(params)
+    if not params:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf))
+
+
 def step_unless_bad(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
     """``optimizer.step()`` unless ``ok`` is False: a skipped step leaves the parameters and the
     optimizer state (moments, step count) as they were.
@@ -90,19 +102,34 @@ class BadSteps:
     def __init__(self, device: torch.device) -> None:
         zero = torch.zeros((), dtype=torch.long, device=device)
         self.run, self.worst, self.total = zero.clone(), zero.clone(), zero.clone()
+        self.weights_ok = torch.ones((), dtype=torch.bool, device=device)
         self.reported = 0
 
-    def update(self, ok: Tensor) -> None:
+    def update(self, ok: Tensor, weights_ok: Tensor | None = None) -> None:
+        """``ok``: the step was good; ``weights_ok``: the weights are finite after it."""
         bad = (~ok).long()
         self.run = (self.run + 1) * bad  # reset to 0 by a good step
         self.worst = torch.maximum(self.worst, self.run)
         self.total += bad
+        if weights_ok is not None:
+            self.weights_ok &= weights_ok
 
     def check(self, max_bad: int, step: int) -> int:
-        """Raise NonFiniteError after ``max_bad`` consecutive bad steps; else return the number
-        of steps skipped since the last check (and warn about them)."""
-        worst, total = torch.stack([self.worst, self.total]).tolist()
+        """Raise NonFiniteError after ``max_bad`` consecutive bad steps, or once the weights
+        are non-finite; else return the number of steps skipped since the last check (and warn
+        about them)."""
+        worst, total, weights_ok = torch.stack(
+            [self.worst, self.total, self.weights_ok.long()]
+        ).tolist()
         self.worst = self.run.clone()  # a run still open at this check goes on counting
+        if not weights_ok:
+            # finite gradients, non-finite result: no later step can repair the weights
+            raise NonFiniteError(
+                f"the weights became non-finite in a step up to step {step} although its loss "
+                "and gradients were finite (an lr or weight decay too large for them); nothing "
+                "non-finite was saved. Lower train.lr / train.weight_decay and resume from the "
+                "last checkpoint."
+            )
         if worst >= max_bad:
             raise NonFiniteError(
                 f"{worst} consecutive steps (checked at step {step}) had a non-finite loss or "
@@ -120,7 +147,8 @@ class BadSteps:
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM / SIGUSR1 only set a flag (``requested``).
+    """Context manager: while active, SIGTERM / SIGUSR1 only set a flag (``requested``), and
+    the data-loader workers started with ``worker_init_fn`` ignore them (released on exit).
 
     Handlers can only be installed from the main thread; elsewhere (e.g. a notebook worker
     thread) the signals keep their default action. Under torchrun ``requested()`` all-reduces
@@ -133,6 +161,7 @@ class StopSignals:
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._group = None
+        self.worker_init_fn = WorkerStopSignals()  # for the training loader's workers
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum)
@@ -144,6 +173,7 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.worker_init_fn.release()
         for s, handler in self._previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
@@ -164,8 +194,28 @@ class StopSignals:
         return self.received.name if self.received is not None else "a stop signal on another rank"
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a signal sent to the whole process group must not kill the
-    workers while the main process finishes its step and saves (the loader stops them)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+class WorkerStopSignals:
+    """The data-loader workers' ``worker_init_fn``: while the run goes on they ignore SIGTERM /
+    SIGUSR1, so that a signal sent to the whole process group does not kill them while the
+    main process finishes its step and saves. Once ``release()`` is called (``StopSignals``
+    does on exit, however the run ends) those signals end them again: the loader's shutdown
+    and Python's at exit terminate daemonic workers with SIGTERM and then wait for them, which
+    with the signal ignored waited forever after an uncaught exception or a Ctrl-C."""
+
+    def __init__(self) -> None:
+        # an Event crosses fork, forkserver and spawn (it is pickled with the worker's args)
+        self._released = multiprocessing.Event()
+
+    def __call__(self, worker_id: int) -> None:
+        released = self._released
+
+        def handle(signum: int, frame) -> None:
+            if released.is_set():  # the run is over: die of the signal, as terminate() asks
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, handle)
+
+    def release(self) -> None:
+        self._released.set()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, NoReturn, TextIO
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.nn as nn
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cmae.config import Config, ConfigError, TrainConfig, to_dict
-from cmae.data.datasets import build_datasets, loader_workers
+from cmae.data.datasets import DataError, build_datasets, loader_workers
 from cmae.data.pipeline import build_device_color, build_device_views, build_views, to_device
 from cmae.data.sampling import BadImages, EpochSampler, SeededSamples
 from cmae.data.views import DeviceTargetColor, DeviceViews, collate_boxes, eval_transform
@@ -24,7 +26,14 @@ from cmae.eval.knn import knn_eval
 from cmae.interop.export import encoder_format
 from cmae.models.cmae import CMAE, CMAEOutput, build_encoder, build_model
 from cmae.models.losses import gather_keys
-from cmae.runtime.checkpoint import RunCheckpoints, remove_stale_temps, save_encoder
+from cmae.runtime.checkpoint import (
+    RunCheckpoints,
+    RunLog,
+    remove_stale_temps,
+    save_encoder,
+    save_text,
+    warn,
+)
 from cmae.runtime.device import keep_freed_memory, resolve_amp, resolve_device, seed_everything
 from cmae.runtime.distributed import (
     build_sampler,
@@ -38,19 +47,20 @@ from cmae.runtime.distributed import (
     wrap_model,
 )
 from cmae.runtime.optim import cosine_lr, momentum_at, param_groups
+from cmae.runtime.runlock import lock_run_dir
 from cmae.train.faults import (
     BadSteps,
     Preempted,
     StopSignals,
     grads_finite,
-    ignore_stop_signals,
     keep_buffers_unless,
     poison_nonfinite,
     step_unless_bad,
+    weights_finite,
 )
 from cmae.train.monitor import contrastive_health
 from cmae.train.resume import find_resume, restore_training, set_deterministic, training_state
-from cmae.viz.plot import write_summary
+from cmae.viz.plot import LOSSES, read_log, write_summary
 from cmae.viz.visualize import RunVisuals
 
 
@@ -78,6 +88,8 @@ def train_one_step(
     update, no EMA, BatchNorm statistics kept; ``bad_steps`` counts it (cmae.train.faults).
     """
     wrapped = model if wrapped is None else wrapped
+    if not (math.isfinite(lr) and math.isfinite(momentum)):  # host floats: free to check
+        raise ConfigError(f"non-finite lr {lr} or EMA momentum {momentum} (check train.*)")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -113,7 +125,10 @@ def train_one_step(
     model.update_target(torch.where(ok, momentum, 1.0))
     keep_buffers_unless(buffers, before, ok)
     if bad_steps is not None:
-        bad_steps.update(ok)
+        # finite gradients can still give non-finite weights (an lr too large for them); no
+        # later step repairs them, so the run stops at the next check (one fused norm, no sync)
+        weights_ok = weights_finite(p for p in model.parameters() if p.requires_grad)
+        bad_steps.update(ok & weights_ok, weights_ok)
     if len(outs) == 1:
         return outs[0]
     fields = list(zip(*outs, strict=True))  # the losses are averaged, the tensors concatenated
@@ -124,8 +139,9 @@ def train_one_step(
 
 
 def run(cfg: Config) -> dict:
-    # SIGTERM / SIGUSR1: finish the step, save, raise Preempted (`cmae pretrain` exits 75)
-    with StopSignals() as stop:
+    # SIGTERM / SIGUSR1: finish the step, save, raise Preempted (`cmae pretrain` exits 75);
+    # one run per directory: a second one is refused, naming the first (cmae.runtime.runlock)
+    with lock_run_dir(cfg.train.out), StopSignals() as stop:
         return train(cfg, stop)
 
 
@@ -173,16 +189,16 @@ class RunOutputs:
     out_dir: Path
     visuals: RunVisuals
     checkpoints: RunCheckpoints
-    log_file: TextIO | None
+    log_file: RunLog | None
     bar: tqdm
     batch_size: int  # global: img_per_s
     start: float
+    start_step: int  # after a resume, the summary's speed counts the steps trained since
     tick: float
     tick_step: int
 
     def write(self, rec: dict) -> None:
-        self.log_file.write(json.dumps(rec) + "\n")
-        self.log_file.flush()
+        self.log_file.write(rec)
         self.visuals.log(rec)
 
     def log_step(
@@ -225,14 +241,13 @@ class RunOutputs:
 
 
 def setup_process(cfg: Config) -> tuple[torch.device, Path]:
-    """Join the process group (under torchrun; only rank 0 prints and writes files), write
-    config.yaml, set threads, allocator, determinism and seeds."""
+    """Join the process group (under torchrun; only rank 0 prints and writes files), set
+    threads, allocator, determinism and seeds."""
     t = cfg.train
     device = setup_distributed(resolve_device(t.device))
     out_dir = Path(t.out)
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     keep_freed_memory()
@@ -241,7 +256,9 @@ def setup_process(cfg: Config) -> tuple[torch.device, Path]:
     return device, out_dir
 
 
-def build_data(cfg: Config, device: torch.device) -> Data:
+def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int], None]) -> Data:
+    """``worker_init_fn``: ``StopSignals.worker_init_fn`` (the workers ignore stop signals
+    until the run ends)."""
     t, d = cfg.train, cfg.data
     synthetic = {
         "train": d.synthetic_train,
@@ -277,7 +294,7 @@ def build_data(cfg: Config, device: torch.device) -> Data:
         pin_memory=device.type == "cuda",
         persistent_workers=d.num_workers > 0,
         generator=torch.Generator().manual_seed(t.seed + rank()),  # worker seeds, per rank
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=worker_init_fn,
         collate_fn=collate_boxes if device_views is not None else None,
     )
     return Data(
@@ -352,9 +369,11 @@ def open_outputs(
     cfg: Config, out_dir: Path, visuals: RunVisuals, resumed: Resumed, plan: Plan
 ) -> RunOutputs:
     t = cfg.train
-    log_file = open(out_dir / "log.jsonl", "a") if is_main() else None  # appended on resume
+    if is_main():  # only now: a refused run (another model, already trained) leaves it as is
+        save_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log_file = RunLog(out_dir / "log.jsonl") if is_main() else None  # appended on resume
     if is_main() and resumed.step:
-        log_file.write(json.dumps({"step": resumed.step, "resumed_from": resumed.path}) + "\n")
+        log_file.write({"step": resumed.step, "resumed_from": resumed.path})
     start = time.perf_counter()
     bar = tqdm(
         total=plan.last_step,
@@ -365,7 +384,16 @@ def open_outputs(
     )
     checkpoints = RunCheckpoints(out_dir, t.keep_last, t.keep_every_epochs)
     return RunOutputs(
-        out_dir, visuals, checkpoints, log_file, bar, t.batch_size, start, start, resumed.step
+        out_dir,
+        visuals,
+        checkpoints,
+        log_file,
+        bar,
+        t.batch_size,
+        start,
+        resumed.step,
+        start,
+        resumed.step,
     )
 
 
@@ -376,14 +404,14 @@ def open_outputs(
 def train(cfg: Config, stop: StopSignals) -> dict:
     t, d = cfg.train, cfg.data
     device, out_dir = setup_process(cfg)
-    data = build_data(cfg, device)
+    data = build_data(cfg, device, stop.worker_init_fn)
     net = build_trainee(cfg, device)
     plan = plan_steps(t, len(data.loader))
     announce(cfg, data, net, plan, device)
     visuals = open_visuals(cfg, data, out_dir)
     resumed = resume_training(cfg, net, out_dir, device)
     if resumed.step >= plan.last_step:
-        return already_trained(out_dir, resumed.step, visuals)
+        return already_trained(cfg, data, net.model, resumed.step, visuals, device)
     run = open_outputs(cfg, out_dir, visuals, resumed, plan)
     bad_steps = BadSteps(device)
     bad_images = BadImages(d.max_bad_fraction, len(data.sampler), *resumed.bad_counts)
@@ -525,13 +553,36 @@ def monitor_epoch(
     run.visuals.epoch_end(model, epoch + 1, step)
 
 
-def already_trained(out_dir: Path, step: int, visuals: RunVisuals) -> dict:
+OUTPUTS = ("encoder.safetensors", "summary.json")  # written after checkpoint.pt
+
+
+def already_trained(
+    cfg: Config, data: Data, model: CMAE, step: int, visuals: RunVisuals, device: torch.device
+) -> dict:
+    """A run at its last step: write the outputs that a kill or a full disk kept it from
+    writing after ``checkpoint.pt`` (``model`` holds its weights); return the summary."""
+    visuals.close()
+    summary = {}
+    out_dir = Path(cfg.train.out)
     if is_main():
         print(f"{out_dir} is already trained to step {step} (train.resume=never restarts)")
-    visuals.close()
+        missing = [name for name in OUTPUTS if not (out_dir / name).is_file()]
+        if missing:
+            print(f"{out_dir}: writing the missing end-of-run outputs ({', '.join(missing)})")
+            summary = write_outputs(cfg, data, model, last_losses(out_dir, step), device)
+        else:
+            summary = json.loads((out_dir / "summary.json").read_text())
     teardown_distributed()
-    summary_file = out_dir / "summary.json"
-    return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return summary
+
+
+def last_losses(out_dir: Path, step: int) -> dict:
+    """``steps`` and the losses logged at ``step``: the process that trained it is gone."""
+    try:
+        last = [r for r in read_log(out_dir) if "loss" in r and r.get("step") == step]
+    except DataError:
+        last = []
+    return {"steps": step, **{k: last[-1][k] for k, _ in LOSSES if last and k in last[-1]}}
 
 
 def finish(
@@ -545,8 +596,7 @@ def finish(
     epoch: int,
     device: torch.device,
 ) -> dict:
-    """Rank 0 after the last step: pictures, checkpoint.pt, encoder.safetensors, summary.json
-    and summary.md, the end-of-run kNN against a random-init encoder."""
+    """Rank 0 after the last step: pictures, checkpoint.pt, then ``write_outputs``."""
     t, out_dir = cfg.train, run.out_dir
     run.visuals.epoch_end(model, epoch + 1, step, last=True)
     run.visuals.close()
@@ -554,6 +604,36 @@ def finish(
     wall = time.perf_counter() - run.start
 
     run.checkpoints.save_final(state)  # a full training state: a longer run can resume from it
+    summary = {
+        "steps": step,
+        "wall_s": wall,
+        "img_per_s": (step - run.start_step) * t.batch_size / wall,
+        "loss": out.loss.item(),
+        "loss_pixel": out.loss_pixel.item(),
+        "loss_contrast": out.loss_contrast.item(),
+    }
+    print(
+        f"trained {step} steps in {wall:.1f}s ({summary['img_per_s']:.1f} img/s); final loss "
+        f"{summary['loss']:.4f} (pixel {summary['loss_pixel']:.4f}, "
+        f"contrast {summary['loss_contrast']:.4f}); wrote {out_dir / 'checkpoint.pt'}"
+    )
+    summary = write_outputs(cfg, data, model, summary, device, run.visuals.last_png)
+    teardown_distributed()
+    return summary
+
+
+def write_outputs(
+    cfg: Config,
+    data: Data,
+    model: CMAE,
+    summary: dict,
+    device: torch.device,
+    recon_png: Path | None = None,
+) -> dict:
+    """What follows ``checkpoint.pt``: ``encoder.safetensors``, the end-of-run kNN against a
+    random-init encoder, ``summary.json`` and ``summary.md``. A rerun of a run killed before
+    they were all written calls it again (``already_trained``)."""
+    t, out_dir = cfg.train, Path(cfg.train.out)
     save_encoder(
         model,
         out_dir / "encoder.safetensors",
@@ -564,20 +644,7 @@ def finish(
             "patch_size": str(cfg.model.patch_size),
         },
     )
-    summary = {
-        "steps": step,
-        "wall_s": wall,
-        "img_per_s": step * t.batch_size / wall,
-        "loss": out.loss.item(),
-        "loss_pixel": out.loss_pixel.item(),
-        "loss_contrast": out.loss_contrast.item(),
-    }
-    print(
-        f"trained {step} steps in {wall:.1f}s ({summary['img_per_s']:.1f} img/s); final loss "
-        f"{summary['loss']:.4f} (pixel {summary['loss_pixel']:.4f}, "
-        f"contrast {summary['loss_contrast']:.4f}); wrote {out_dir / 'checkpoint.pt'} and "
-        f"{out_dir / 'encoder.safetensors'}"
-    )
+    print(f"wrote {out_dir / 'encoder.safetensors'}")
     if t.knn_at_end and data.bank_set is not None:
         torch.manual_seed(t.seed)
         summary["knn"] = knn_of(cfg, data, model.encoder, device)
@@ -587,7 +654,9 @@ def finish(
             f"pretrained {summary['knn']['top1']:.2f}% vs random init "
             f"{summary['knn_random_init']['top1']:.2f}%"
         )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_summary(out_dir, to_dict(cfg), summary, run.visuals.last_png)
-    teardown_distributed()
+    save_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    try:
+        write_summary(out_dir, to_dict(cfg), summary, recon_png)
+    except OSError as e:  # the readable copy of summary.json; the run's results are saved
+        warn(f"could not write {out_dir / 'summary.md'} or its pictures: {e}")
     return summary

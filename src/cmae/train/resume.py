@@ -19,7 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cmae.runtime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, warn
+from cmae.runtime.checkpoint import (
+    CheckpointError,
+    check_weights,
+    latest_checkpoint,
+    load_checkpoint,
+    warn,
+)
 
 RESUME_KEYS = ("model", "optimizer", "step", "rng", "config")
 
@@ -137,6 +143,7 @@ def restore_training(
 ) -> tuple[int, tuple[int, int]]:
     """Load ``state`` into the run; return (step, bad_images)."""
     check_same_model(state["config"]["model"], model_config, path)
+    check_weights(path, state["model"], model.state_dict(), "this run's model")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):

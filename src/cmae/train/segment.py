@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
@@ -49,7 +50,7 @@ from cmae.runtime.distributed import (
     world_size,
     wrap_model,
 )
-from cmae.train.faults import Preempted, StopSignals, ignore_stop_signals
+from cmae.train.faults import Preempted, StopSignals
 from cmae.train.resume import find_resume, restore_training, training_state
 
 WARMUP_START = 1e-6  # the warmup's first lr factor (mmengine LinearLR start_factor)
@@ -104,8 +105,14 @@ class SegData(NamedTuple):
 
 
 def build_data(
-    cfg: SegmentConfig, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+    cfg: SegmentConfig,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    worker_init_fn: Callable[[int], None],
 ) -> SegData:
+    """``worker_init_fn``: ``StopSignals.worker_init_fn`` (the workers ignore stop signals
+    until the run ends, then Python's exit can terminate them)."""
     d = cfg.data
     train_base, val_base, classes = segmentation_splits(
         d.path, d.num_classes, d.reduce_zero_label and d.path is not None, d.synthetic()
@@ -128,7 +135,7 @@ def build_data(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=worker_init_fn,
         # its own generator: starting an epoch's iterator must not draw from the global one,
         # which a resumed run restores (drop path, dropout)
         generator=torch.Generator().manual_seed(cfg.seed + rank()),
@@ -216,7 +223,7 @@ def train(cfg: SegmentConfig, stop: StopSignals) -> dict:
     seed_everything(cfg.seed)
     weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
     mean, std = eval_normalization(cfg.data.mean, cfg.data.std, weights)
-    data = build_data(cfg, mean, std, device)
+    data = build_data(cfg, mean, std, device, stop.worker_init_fn)
     model = build_model(cfg, weights, len(data.classes), device)
     wrapped = wrap_model(model, device, compile=False)
     seed_everything(cfg.seed + rank())  # drop path and dropout differ across ranks

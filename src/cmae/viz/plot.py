@@ -37,7 +37,21 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:{n}: not a JSON line: {e}") from e
     if not records:
         raise DataError(f"{path} is empty: nothing to plot")
-    return records
+    return drop_retrained(records)
+
+
+def drop_retrained(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the steps that count: a ``resumed_from`` record at step S means the run
+    restarted from its step-S checkpoint, so the records after S written before it (by the
+    interrupted run, whose later steps were lost and trained again) are dropped."""
+    kept: list[dict[str, Any]] = []
+    for r in records:
+        if "resumed_from" in r and isinstance(r.get("step"), int):
+            kept = [
+                x for x in kept if not (isinstance(x.get("step"), int) and x["step"] > r["step"])
+            ]
+        kept.append(r)
+    return kept
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
