@@ -165,3 +165,16 @@ def _expected(tp: Any) -> str:
         return "a mapping"
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
     return names.get(tp, str(tp))
+
+
+class SyntheticSplits:
+    """For data configs with ``synthetic_{train,val,size,seed}`` fields: the built-in generated
+    data's sizes and seed in the form the dataset builders take."""
+
+    def synthetic(self) -> dict[str, int]:
+        return {
+            "train": self.synthetic_train,
+            "val": self.synthetic_val,
+            "size": self.synthetic_size,
+            "seed": self.synthetic_seed,
+        }

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmae.config.base import ConfigError, compose, load_yaml, parse_overrides, preset_path
+from cmae.config.base import (
+    ConfigError,
+    SyntheticSplits,
+    compose,
+    load_yaml,
+    parse_overrides,
+    preset_path,
+)
 
 
 @dataclass
@@ -18,7 +25,7 @@ class EvalEncoderConfig:
 
 
 @dataclass
-class EvalDataConfig:
+class EvalDataConfig(SyntheticSplits):
     path: str | None = None  # ROOT with train/ and val/ (or test/) class folders; None = built-in
     # None: the pretraining checkpoint's data.mean/std, else ImageNet's
     mean: tuple[float, float, float] | None = None
@@ -30,14 +37,6 @@ class EvalDataConfig:
     synthetic_val: int = 1000
     synthetic_size: int = 32
     synthetic_seed: int = 0
-
-    def synthetic(self) -> dict[str, int]:
-        return {
-            "train": self.synthetic_train,
-            "val": self.synthetic_val,
-            "size": self.synthetic_size,
-            "seed": self.synthetic_seed,
-        }
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 from cmae.config.base import (
     PRESET_DIR,
     ConfigError,
+    SyntheticSplits,
     compose,
     load_yaml,
     parse_overrides,
@@ -28,7 +29,7 @@ class SegEncoderConfig:
 
 
 @dataclass
-class SegDataConfig:
+class SegDataConfig(SyntheticSplits):
     path: str | None = None  # ROOT in the ADE20K layout; None = built-in generated data
     num_classes: int | None = None  # None: ROOT/classes.txt (the generated data: 11)
     reduce_zero_label: bool = True  # label 0 ignored, k -> k - 1 (ADE20K); not for generated
@@ -49,14 +50,6 @@ class SegDataConfig:
     synthetic_val: int = 50
     synthetic_size: int = 64
     synthetic_seed: int = 0
-
-    def synthetic(self) -> dict[str, int]:
-        return {
-            "train": self.synthetic_train,
-            "val": self.synthetic_val,
-            "size": self.synthetic_size,
-            "seed": self.synthetic_seed,
-        }
 
 
 @dataclass

@@ -254,19 +254,7 @@ class ConvViTClassifier(nn.Module):
 
     def layer_id(self, name: str) -> int:
         """The layer-decay layer of parameter ``name`` (see the class doc)."""
-        parts = name.split(".")
-        if parts[0] != "encoder":
-            return self.num_layers - 1
-        part = parts[1]
-        if part in ("patch_embed1", "blocks1"):
-            return 0
-        if part in ("patch_embed2", "blocks2"):
-            return 1
-        if part in ("patch_embed3", "cls_token", "pos_embed"):
-            return 2
-        if part == "blocks":
-            return 3 + int(parts[2])
-        return self.num_layers - 1
+        return convvit_layer_id(name, self.num_layers - 1)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -275,3 +263,20 @@ class ConvViTClassifier(nn.Module):
         x = self.encoder(imgs)  # [N, 1 + L, D]
         x = x[:, 1:].mean(dim=1) if self.pool == "mean" else x[:, 0]
         return self.head(self.fc_norm(x))
+
+
+def convvit_layer_id(name: str, last: int) -> int:
+    """The layer-decay layer of a model parameter ``name`` whose ConvViT sits under
+    ``encoder.``: stage 1 -> 0, stage 2 -> 1, the stage-3 embedding and tokens -> 2, block i ->
+    3 + i; everything else (heads, norms outside the encoder) -> ``last``."""
+    parts = name.split(".")
+    part = parts[1] if parts[0] == "encoder" and len(parts) > 1 else ""
+    if part in ("patch_embed1", "blocks1"):
+        return 0
+    if part in ("patch_embed2", "blocks2"):
+        return 1
+    if part in ("patch_embed3", "cls_token", "pos_embed"):
+        return 2
+    if part == "blocks":
+        return 3 + int(parts[2])
+    return last

@@ -26,7 +26,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
-from cmae.models.convvit import CONVVIT_SIZES, ConvViT
+from cmae.models.convvit import CONVVIT_SIZES, ConvViT, convvit_layer_id
 from cmae.models.vit import sincos_pos_embed, vit_size
 from cmae.runtime.checkpoint import CheckpointError
 
@@ -255,17 +255,7 @@ class ConvViTPyramid(nn.Module):
     def layer_id(self, name: str) -> int:
         """ConvViTClassifier's layers: stage 1 0, stage 2 1, stage-3 embedding 2, block i
         3 + i, the rest ``depth + 3``."""
-        parts = name.split(".")
-        part = parts[1] if parts[0] == "encoder" else ""
-        if part in ("patch_embed1", "blocks1"):
-            return 0
-        if part in ("patch_embed2", "blocks2"):
-            return 1
-        if part in ("patch_embed3", "cls_token", "pos_embed"):
-            return 2
-        if part == "blocks":
-            return 3 + int(parts[2])
-        return self.depth + 3
+        return convvit_layer_id(name, self.depth + 3)
 
     @property
     def num_layers(self) -> int:
