@@ -26,20 +26,32 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names the key."""
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A preset name (``tiny``) -> its file in cmae/configs; a ``.yaml`` path -> itself."""
+def preset_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "") -> Path:
+    """A preset name (``tiny``) -> its file in ``directory`` (cmae/configs; ``kind`` names the
+    preset family in errors, e.g. "segment "); a ``.yaml`` path -> itself."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         return p
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    candidate = directory / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+        names = ", ".join(sorted(x.stem for x in directory.glob("*.yaml")))
         raise ConfigError(
-            f"unknown preset '{name_or_path}' (presets: {names}; or pass a .yaml path)"
+            f"unknown {kind}preset '{name_or_path}' (presets: {names}; or pass a .yaml path)"
         )
     return candidate
+
+
+def load_layered(cls: type[T], path: Path | None, overrides: list[str] | None) -> T:
+    """The defaults of dataclass ``cls``, then the YAML file ``path`` (if any), then the dotted
+    ``overrides``, type-checked (every config command loads this way)."""
+    layers = []
+    if path is not None:
+        layers.append((str(path), load_yaml(path)))
+    if overrides:
+        layers.append(("", parse_overrides(overrides)))
+    return compose(cls, layers)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

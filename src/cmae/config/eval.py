@@ -6,14 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmae.config.base import (
-    ConfigError,
-    SyntheticSplits,
-    compose,
-    load_yaml,
-    parse_overrides,
-    preset_path,
-)
+from cmae.config.base import ConfigError, SyntheticSplits, load_layered, preset_path
 
 
 @dataclass
@@ -102,14 +95,9 @@ def load_eval_config(
     cls: type[EvalConfig], path: str | None = None, overrides: list[str] | None = None
 ) -> EvalConfig:
     """Defaults of ``cls``, then a YAML file (e.g. a run's config.yaml), then the overrides."""
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append((path, load_yaml(Path(path))))
-    if overrides:
-        layers.append(("", parse_overrides(overrides)))
-    cfg = compose(cls, layers)
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    cfg = load_layered(cls, None if path is None else Path(path), overrides)
     validate_eval(cfg)
     return cfg
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmae.config.base import ConfigError, compose, load_yaml, parse_overrides, preset_path
+from cmae.config.base import ConfigError, compose, load_layered, preset_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,13 +154,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 def load_config(preset: str | None = "tiny", overrides: list[str] | None = None) -> Config:
     """Dataclass defaults, then the preset/YAML file (if any), then dotted overrides."""
-    layers = []
-    if preset is not None:
-        path = preset_path(preset)
-        layers.append((str(path), load_yaml(path)))
-    if overrides:
-        layers.append(("", parse_overrides(overrides)))
-    cfg = compose(Config, layers)
+    cfg = load_layered(Config, None if preset is None else preset_path(preset), overrides)
     validate(cfg)
     return cfg
 

@@ -12,9 +12,7 @@ from cmae.config.base import (
     PRESET_DIR,
     ConfigError,
     SyntheticSplits,
-    compose,
-    load_yaml,
-    parse_overrides,
+    load_layered,
     preset_path,
 )
 
@@ -98,29 +96,15 @@ class SegmentConfig:
 
 def segment_preset_path(name_or_path: str) -> Path:
     """A preset of configs/segment/ (``ade20k_vit_base``, ``camvid_cpu``) or a YAML file."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        return p
-    candidate = SEGMENT_PRESET_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        names = ", ".join(sorted(x.stem for x in SEGMENT_PRESET_DIR.glob("*.yaml")))
-        raise ConfigError(f"unknown segment preset '{name_or_path}' (presets: {names}; or a .yaml)")
-    return candidate
+    return preset_path(name_or_path, SEGMENT_PRESET_DIR, "segment ")
 
 
 def load_segment_config(
     preset: str | None = None, overrides: list[str] | None = None
 ) -> SegmentConfig:
     """Defaults, then a preset / YAML file (e.g. a run's config.yaml), then the overrides."""
-    layers = []
-    if preset is not None:
-        path = segment_preset_path(preset)
-        layers.append((str(path), load_yaml(path)))
-    if overrides:
-        layers.append(("", parse_overrides(overrides)))
-    cfg = compose(SegmentConfig, layers)
+    path = None if preset is None else segment_preset_path(preset)
+    cfg = load_layered(SegmentConfig, path, overrides)
     validate_segment(cfg)
     return cfg
 
