@@ -190,3 +190,9 @@ class SyntheticSplits:
             "size": self.synthetic_size,
             "seed": self.synthetic_seed,
         }
+
+    def check_synthetic(self) -> None:
+        """ConfigError naming ``data.<key>`` for a split or image size that is not positive."""
+        for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")

@@ -115,9 +115,7 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError(f"data.std: must be positive, got {d.std}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
+    d.check_synthetic()
     if cfg.batch_size <= 0:
         raise ConfigError(f"batch_size: must be positive, got {cfg.batch_size}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

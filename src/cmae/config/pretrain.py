@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmae.config.base import ConfigError, compose, load_layered, preset_path
+from cmae.config.base import ConfigError, SyntheticSplits, compose, load_layered, preset_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,7 +53,7 @@ REFERENCE_MASK = {"cmae": (0.65, 2), "mae": (0.75, 1)}
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SyntheticSplits):
     path: str | None = None  # ImageFolder-style dir; None = built-in generated shapes
     max_shift: int = 32  # pixels; master crop is img_size + max_shift, offsets in [0, max_shift)
     # MAE only: its view is the online view of CMAE's crop (the (0, 0) window of an
@@ -223,9 +223,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.std: must be positive, got {d.std}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
+    d.check_synthetic()
     if t.batch_size <= 0:
         raise ConfigError(f"train.batch_size: must be positive, got {t.batch_size}")
     if m.method == "cmae" and t.batch_size < 2:

@@ -132,9 +132,7 @@ def validate_segment(cfg: SegmentConfig) -> None:
     for key in ("num_workers", "vis_images"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key}: must be >= 0, got {getattr(d, key)}")
-    for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
-        if getattr(d, key) <= 0:
-            raise ConfigError(f"data.{key}: must be positive, got {getattr(d, key)}")
+    d.check_synthetic()
     if m.channels <= 0 or m.aux_channels < 0 or m.aux_weight < 0:
         raise ConfigError("model.channels / aux_channels / aux_weight: must be positive / >= 0")
     if not m.pool_scales or any(s <= 0 for s in m.pool_scales):

@@ -260,17 +260,11 @@ def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int]
     """``worker_init_fn``: ``StopSignals.worker_init_fn`` (the workers ignore stop signals
     until the run ends)."""
     t, d = cfg.train, cfg.data
-    synthetic = {
-        "train": d.synthetic_train,
-        "val": d.synthetic_val,
-        "size": d.synthetic_size,
-        "seed": d.synthetic_seed,
-    }
     train_set, bank_set, query_set = build_datasets(
         d.path,
         build_views(cfg, workers_part=True),
         eval_transform(cfg.model.img_size),
-        synthetic,
+        d.synthetic(),
         d.knn_bank,
         d.knn_queries,
         seed=t.seed,
