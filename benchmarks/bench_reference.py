@@ -48,8 +48,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, help="default: the preset's")
     p.add_argument("--compile", action="store_true", help="cmae side with train.compile")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="both sides also time their dense ops alone (op_floor.py); the summary adds the "
+        "ratio a cmae step at its floor would reach",
+    )
     args = p.parse_args()
     common = ["--threads", str(args.threads), "--steps", str(args.steps)]
+    common += ["--floor"] if args.floor else []
     common += ["--warmup", str(args.warmup)]
     if args.batch:
         common += ["--batch", str(args.batch)]
@@ -60,7 +67,7 @@ def main() -> None:
             ours_cmd += ["--mode", mode, *common] + (["--compile"] if args.compile else [])
             ref_cmd = [args.ref_python, str(HERE / "reference_step.py"), "--repo", args.repo]
             ref_cmd += ["--preset", preset, "--mode", mode, *common]
-            ratios = []
+            ratios, ceilings = [], []
             for r in range(args.rounds):
                 sides = [("official", ref_cmd), ("cmae", ours_cmd)]
                 if r % 2:
@@ -70,8 +77,14 @@ def main() -> None:
                     rec = run_json(cmd, f"{name} {preset} {mode}")
                     rec.update(impl=name, round=r + 1)
                     print(json.dumps(rec), flush=True)
-                    got[name] = rec["img_per_s"]
-                ratios.append(got["cmae"] / got["official"])
+                    got[name] = rec
+                ratios.append(got["cmae"]["img_per_s"] / got["official"]["img_per_s"])
+                if args.floor:  # the official step's time over cmae's dense-op floor
+                    ceilings.append(got["official"]["step_s"] * 1e3 / got["cmae"]["dense_floor_ms"])
+            extra = {}
+            if ceilings:
+                extra["ceiling_ratios"] = [round(x, 3) for x in ceilings]
+                extra["ceiling_median"] = round(statistics.median(ceilings), 3)
             print(
                 json.dumps(
                     {
@@ -84,6 +97,7 @@ def main() -> None:
                         "median": round(statistics.median(ratios), 3),
                         "min": round(min(ratios), 3),
                         "max": round(max(ratios), 3),
+                        **extra,
                     }
                 ),
                 flush=True,

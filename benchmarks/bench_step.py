@@ -43,11 +43,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from op_floor import capture, replay  # this directory (sys.path[0] when run as a script)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmae.config import load_config
 from cmae.models.cmae import build_model
+from cmae.models.vit import set_fused_attention, use_fused_attention
 from cmae.runtime.device import keep_freed_memory
 from cmae.runtime.optim import param_groups
 from cmae.train.pretrain import train_one_step
@@ -187,18 +189,26 @@ def seg_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype |
     return model, step, info
 
 
+def compiled(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    if not args.compile:
+        return model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    return torch.compile(model, mode=mode, dynamic=False if args.dynamic == "false" else None)
+
+
 def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if method == "seg":
         model, step, info = seg_step(preset, batch, device, dtype, args.optimizer)
-        wrapped = torch.compile(model) if args.compile else model
+        wrapped = compiled(model, args)
         return timed(args, preset, method, batch, device, dtype, step, wrapped, info)
     cfg = make_config(preset, method)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
+    set_fused_attention(model, use_fused_attention(args.attention, device))
     opt = make_optimizer(model, args.optimizer)
-    wrapped = torch.compile(model) if args.compile else model
+    wrapped = compiled(model, args)
     s = cfg.model.img_size
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(batch, 3, s, s, generator=g).to(device)]
@@ -269,8 +279,9 @@ def timed(
         "batch": batch,
         "device": str(device),
         "dtype": args.dtype,
-        "compile": args.compile,
+        "compile": args.compile and f"{args.compile_mode}/dynamic={args.dynamic}",
         "optimizer": args.optimizer,
+        "attention": args.attention,
         "malloc": args.malloc,
         "threads": torch.get_num_threads(),
         "step_ms": round(ms, 2),
@@ -286,6 +297,9 @@ def timed(
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
+    if args.floor:  # after the timing: the replay must not warm or cool what was timed
+        rec.update(replay(capture(lambda: step(model))))
+        rec["beyond_floor_ms"] = round(ms - rec["dense_floor_ms"], 2)
     if preset in REFERENCE_GFLOP:
         rec["ref_gflop_per_step"] = REFERENCE_GFLOP[preset]
         rec["gflop_over_ref"] = round(flops / 1e9 / REFERENCE_GFLOP[preset], 4)
@@ -295,11 +309,14 @@ def timed(
 def child_args(args: argparse.Namespace, preset: str, method: str, batch: int) -> list[str]:
     out = [sys.executable, __file__, "--one", preset, method, str(batch)]
     out += ["--device", args.device, "--dtype", args.dtype, "--optimizer", args.optimizer]
+    out += ["--attention", args.attention]
     out += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--malloc", args.malloc]
     if args.threads:
         out += ["--threads", str(args.threads)]
     if args.compile:
-        out.append("--compile")
+        out += ["--compile", "--compile-mode", args.compile_mode, "--dynamic", args.dynamic]
+    if args.floor:
+        out.append("--floor")
     return out
 
 
@@ -316,6 +333,25 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+        help="torch.compile mode (with --compile)",
+    )
+    p.add_argument(
+        "--dynamic",
+        choices=["auto", "false"],
+        default="auto",
+        help="torch.compile dynamic= (auto: None, what train.compile uses; false: static shapes)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["auto", "fused", "explicit"],
+        default="auto",
+        help="attention kernel (cmae.models.vit.set_fused_attention); auto: what cmae pretrain "
+        "picks for the device",
+    )
     p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused")
     p.add_argument(
         "--malloc",
@@ -327,6 +363,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time each matmul / attention / conv call of one step alone (op_floor.py)",
+    )
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:

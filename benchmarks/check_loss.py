@@ -23,6 +23,7 @@ import torch
 
 from cmae.config import load_config
 from cmae.models.cmae import build_model
+from cmae.models.vit import set_fused_attention
 from cmae.runtime.optim import param_groups
 from cmae.train.pretrain import train_one_step
 
@@ -36,6 +37,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
     cfg = load_config(None, [*overrides, f"model.mask_ratio={ratio}", f"model.mask_block={block}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    set_fused_attention(model, args.attention == "fused")
     kwargs = (
         {"fused": True} if args.optimizer == "fused" else {"foreach": args.optimizer == "foreach"}
     )
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=["fused", "explicit"], default="fused")
     p.add_argument("--save", type=Path)
     p.add_argument("--against", type=Path)
     p.add_argument("--rtol", type=float, default=1e-3)

@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--floor", action="store_true", help="also the dense-op floor (op_floor.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, args.repo)
@@ -186,6 +187,12 @@ def main() -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    floor = {}
+    if args.floor:
+        from op_floor import capture, replay  # this directory; pure torch
+
+        floor = replay(capture(step))
+        floor["beyond_floor_ms"] = round(step_s * 1e3 - floor["dense_floor_ms"], 2)
     print(
         json.dumps(
             {
@@ -198,6 +205,7 @@ def main() -> None:
                 "img_per_s": batch / step_s,
                 "gflop_per_step": round(counter.get_total_flops() / 1e9, 3),
                 "steps": args.steps,
+                **floor,
             }
         )
     )

@@ -59,6 +59,7 @@ def test_round_trip_through_dict():
         ("data.blur_p=2", "data.blur_p"),
         ("model.temperature=0", "model.temperature"),
         ("train.device=tpu", "train.device"),
+        ("train.attention=flash", "train.attention: expected auto, fused or explicit"),
         ("model.decoder_heads=3", "model.decoder_dim"),
         ("train=5", "train: expected a mapping"),
         ("epochs", "not of the form key.sub=value"),

@@ -32,3 +32,23 @@ def test_fused_adamw_trains_like_the_per_parameter_loop(tiny_model):
     for (name, a), b in zip(fused.named_parameters(), loop.parameters(), strict=True):
         if a.ndim >= 2:
             assert (a - b).norm() <= 1e-5 * b.norm(), name
+
+
+def test_explicit_attention_kernel_trains_like_the_fused_one(tiny_model):
+    from cmae.models.vit import set_fused_attention, use_fused_attention
+
+    fused, explicit = tiny_model(), tiny_model()
+    n = set_fused_attention(explicit, False)
+    # every transformer block of the encoder, the target encoder and both decoders
+    assert n == sum(1 for m in explicit.modules() if type(m).__name__ == "Attention") > 0
+    assert not any(getattr(m, "fused_attn", False) for m in explicit.modules())
+    a, b = train(fused, fused=True), train(explicit, fused=True)
+    assert a[0] == pytest.approx(b[0], rel=1e-5)  # same weights: only the kernels differ
+    # later steps: Adam turns rounding differences of near-zero gradients into +-lr steps
+    # (see above); check_loss.py's tolerance
+    assert a == pytest.approx(b, rel=1e-3)
+    assert use_fused_attention("auto", torch.device("cpu")) is False
+    assert use_fused_attention("auto", torch.device("cuda")) is True
+    assert use_fused_attention("fused", torch.device("cpu")) is True
+    with pytest.raises(ValueError, match="attention must be"):
+        use_fused_attention("flash", torch.device("cpu"))

@@ -115,6 +115,10 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads on CPU; None = torch default
     amp: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
     compile: bool = False  # torch.compile the training forward/backward
+    # attention kernel: fused (PyTorch's scaled_dot_product_attention), explicit (batched
+    # matmuls + softmax, same maths) or auto: explicit on the CPU, where it is faster for the
+    # short sequences of small images, fused elsewhere (docs/PERFORMANCE.md)
+    attention: str = "auto"
     # micro-batches per optimizer step; all micro-batches are contrasted with the keys of the
     # whole step's batch, so only BatchNorm statistics differ from one large batch
     accum_steps: int = 1
@@ -255,6 +259,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     if t.amp not in ("auto", "bf16", "fp16", "none"):
         raise ConfigError(f"train.amp: expected auto, bf16, fp16 or none, got {t.amp!r}")
+    if t.attention not in ("auto", "fused", "explicit"):
+        raise ConfigError(f"train.attention: expected auto, fused or explicit, got {t.attention!r}")
     if t.accum_steps < 1:
         raise ConfigError(f"train.accum_steps: must be >= 1, got {t.accum_steps}")
     if t.batch_size % t.accum_steps:

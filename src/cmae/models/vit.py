@@ -92,6 +92,28 @@ def init_module(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def set_fused_attention(model: nn.Module, fused: bool) -> int:
+    """Choose the attention kernel of every timm ``Attention`` in ``model``: PyTorch's fused
+    ``scaled_dot_product_attention`` (``fused=True``, timm's default) or timm's explicit
+    ``softmax(q k^T * scale) v`` with batched matmuls. Same maths, different kernels: on the
+    CPU, for the short sequences of small images (17-65 tokens), the explicit matmuls run the
+    forward and backward in about half the time of the fused CPU kernel (docs/PERFORMANCE.md);
+    on a GPU the fused kernels win. Returns how many modules were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = fused
+            n += 1
+    return n
+
+
+def use_fused_attention(choice: str, device: torch.device) -> bool:
+    """``choice``: "fused", "explicit" or "auto" (explicit on the CPU, fused elsewhere)."""
+    if choice not in ("auto", "fused", "explicit"):
+        raise ValueError(f"attention must be auto, fused or explicit, got {choice!r}")
+    return choice == "fused" or (choice == "auto" and device.type != "cpu")
+
+
 class ViTEncoder(nn.Module):
     """Plain ViT (cls token, fixed sin-cos pos-embed) with timm ``VisionTransformer`` names."""
 

@@ -26,6 +26,7 @@ from cmae.eval.knn import knn_eval
 from cmae.interop.export import encoder_format
 from cmae.models.cmae import CMAE, CMAEOutput, build_encoder, build_model
 from cmae.models.losses import gather_keys
+from cmae.models.vit import set_fused_attention, use_fused_attention
 from cmae.runtime.checkpoint import (
     RunCheckpoints,
     RunLog,
@@ -299,6 +300,7 @@ def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int]
 def build_trainee(cfg: Config, device: torch.device) -> Trainee:
     t = cfg.train
     model = build_model(cfg.model).to(device)
+    set_fused_attention(model, use_fused_attention(t.attention, device))
     wrapped = wrap_model(model, device, t.compile)  # DDP (+ SyncBatchNorm) across ranks
     # the weights above are identical on all ranks; masks and augmentations must differ
     seed_everything(t.seed + rank())
