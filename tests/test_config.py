@@ -59,6 +59,7 @@ def test_round_trip_through_dict():
         ("data.blur_p=2", "data.blur_p"),
         ("model.temperature=0", "model.temperature"),
         ("train.device=tpu", "train.device"),
+        ("data.synthetic_colors=blue", "data.synthetic_colors: expected grey or color"),
         ("train.attention=flash", "train.attention: expected auto, fused or explicit"),
         ("model.decoder_heads=3", "model.decoder_dim"),
         ("train=5", "train: expected a mapping"),
@@ -173,3 +174,15 @@ def test_config_yaml_round_trip(tmp_path):
 def test_eval_config_errors_name_the_key(cls, override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_eval_config(cls, None, [override])
+
+
+def test_built_in_data_colours_default_per_command():
+    from cmae.config.eval import KnnConfig, load_eval_config
+    from cmae.config.segment import load_segment_config
+
+    # pretraining and the evaluation commands read the same (grey) generated shapes; the
+    # generated segmentation scenes keep their colours
+    assert load_config(None).data.synthetic_colors == "grey"
+    assert load_config("quick").data.synthetic()["colors"] == "grey"
+    assert load_eval_config(KnnConfig, None, []).data.synthetic_colors == "grey"
+    assert load_segment_config(None, []).data.synthetic_colors == "color"

@@ -29,6 +29,39 @@ def test_synthetic_is_deterministic_and_labelled():
     assert a.labels == [i % 10 for i in range(20)]
 
 
+def test_grey_shapes_are_grey_and_differ_from_the_colour_ones():
+    grey, colour = SyntheticShapes(30, 32, colors="grey"), SyntheticShapes(30, 32)
+    spreads = []
+    for i in range(30):
+        g = np.asarray(grey[i][0]).astype(int)
+        assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all(), i
+        assert g.std() > 10  # a visible shape, not a flat image
+        c = np.asarray(colour[i][0]).astype(int)
+        spreads.append(np.abs(c[..., 0] - c[..., 1]).mean())
+    assert np.mean(spreads) > 20  # the colour set really is coloured
+    with pytest.raises(ValueError, match="colors must be one of"):
+        SyntheticShapes(3, colors="blue")
+
+
+def test_generated_knn_sets_follow_the_colour_scheme_and_are_rendered_once(monkeypatch):
+    calls = []
+    real = data_module.render_shape
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(data_module, "render_shape", counting)
+    synthetic = {"train": 40, "val": 20, "size": 32, "seed": 0, "colors": "grey"}
+    train, bank, queries = build_datasets(None, None, eval_transform(32), synthetic, 30, 10)
+    assert len(calls) == 30 + 10  # rendered once, at build time
+    first = [bank[i][0] for i in range(len(bank))] + [queries[i][0] for i in range(10)]
+    assert len(calls) == 40  # not again
+    direct = SyntheticShapes(30, 32, 0, eval_transform(32), colors="grey")
+    assert all(torch.equal(first[i], direct[i][0]) for i in range(30))
+    assert train.colors == "grey" and bank[3][1] == 3
+
+
 def write_tree(root, layout):
     for rel, size in layout.items():
         path = root / rel

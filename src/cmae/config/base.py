@@ -180,19 +180,25 @@ def _expected(tp: Any) -> str:
 
 
 class SyntheticSplits:
-    """For data configs with ``synthetic_{train,val,size,seed}`` fields: the built-in generated
-    data's sizes and seed in the form the dataset builders take."""
+    """For data configs with ``synthetic_{train,val,size,seed,colors}`` fields: the built-in
+    generated data's sizes, seed and colour scheme in the form the dataset builders take."""
 
-    def synthetic(self) -> dict[str, int]:
+    def synthetic(self) -> dict[str, int | str]:
         return {
             "train": self.synthetic_train,
             "val": self.synthetic_val,
             "size": self.synthetic_size,
             "seed": self.synthetic_seed,
+            "colors": self.synthetic_colors,
         }
 
     def check_synthetic(self) -> None:
-        """ConfigError naming ``data.<key>`` for a split or image size that is not positive."""
+        """ConfigError naming ``data.<key>`` for a split or image size that is not positive, or
+        an unknown colour scheme."""
         for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")
+        if self.synthetic_colors not in ("grey", "color"):
+            raise ConfigError(
+                f"data.synthetic_colors: expected grey or color, got {self.synthetic_colors!r}"
+            )

@@ -30,6 +30,8 @@ class EvalDataConfig(SyntheticSplits):
     synthetic_val: int = 1000
     synthetic_size: int = 32
     synthetic_seed: int = 0
+    # as pretraining's data.synthetic_colors (the evaluation commands on the built-in data)
+    synthetic_colors: str = "grey"
 
 
 @dataclass

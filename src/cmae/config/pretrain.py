@@ -86,6 +86,9 @@ class DataConfig(SyntheticSplits):
     synthetic_val: int = 1000
     synthetic_size: int = 32
     synthetic_seed: int = 0
+    # the generated shapes' colours: grey (default: random grey levels) or color (random RGB,
+    # the built-in data before 2026-11-30); see cmae.data.datasets.SyntheticShapes
+    synthetic_colors: str = "grey"
     # kNN check at the end of pretraining on labelled data
     knn_bank: int = 10000  # at most this many labelled train images in the feature bank
     knn_queries: int = 2000  # at most this many held-out images queried

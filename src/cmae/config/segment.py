@@ -48,6 +48,8 @@ class SegDataConfig(SyntheticSplits):
     synthetic_val: int = 50
     synthetic_size: int = 64
     synthetic_seed: int = 0
+    # the generated scenes' shape colours: color (default) or grey
+    synthetic_colors: str = "color"
 
 
 @dataclass

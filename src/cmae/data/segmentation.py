@@ -125,14 +125,14 @@ class GeneratedSegmentation(Dataset):
     """Offline segmentation data from the shapes generator: each image is a 2 x 2 grid of
     tiles, each with one shape of a random class on its background; every pixel's label is
     its shape's class + 1, or 0 (background, a class here) outside the shapes. Image i is a
-    pure function of (seed, i)."""
+    pure function of (seed, i, colors) (``colors``: see SyntheticShapes)."""
 
     classes = ["background", *SHAPE_CLASSES]
 
-    def __init__(self, n: int, size: int, seed: int) -> None:
+    def __init__(self, n: int, size: int, seed: int, colors: str = "color") -> None:
         if size < 8 or size % 2:
             raise DataError(f"generated segmentation images need an even size >= 8, got {size}")
-        self.n, self.size, self.seed = n, size, seed
+        self.n, self.size, self.seed, self.colors = n, size, seed, colors
         self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
@@ -149,7 +149,7 @@ class GeneratedSegmentation(Dataset):
         for ty in range(2):
             for tx in range(2):
                 cls = int(rng.integers(len(SHAPE_CLASSES)))
-                tile, mask = render_shape_mask(cls, t, rng)
+                tile, mask = render_shape_mask(cls, t, rng, self.colors)
                 img[ty * t : (ty + 1) * t, tx * t : (tx + 1) * t] = np.asarray(tile)
                 label[ty * t : (ty + 1) * t, tx * t : (tx + 1) * t] = mask * (cls + 1)
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
@@ -323,8 +323,9 @@ def segmentation_splits(
     """(training split, validation split, class names) of ``path`` (ADE20K layout) or of the
     generated data (``path=None``). ``num_classes``: None takes ROOT/classes.txt."""
     if path is None:
-        train = GeneratedSegmentation(synthetic["train"], synthetic["size"], synthetic["seed"])
-        val = GeneratedSegmentation(synthetic["val"], synthetic["size"], synthetic["seed"] + 1)
+        size, seed, colors = synthetic["size"], synthetic["seed"], synthetic["colors"]
+        train = GeneratedSegmentation(synthetic["train"], size, seed, colors)
+        val = GeneratedSegmentation(synthetic["val"], size, seed + 1, colors)
         if num_classes is not None and num_classes != train.num_classes:
             raise DataError(
                 f"data.num_classes: the generated data has {train.num_classes} classes, "
