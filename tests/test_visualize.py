@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import numpy as np
 from PIL import Image
 
 from cmae.cli import main
@@ -142,6 +143,24 @@ def test_plot_png_of_expected_size(tmp_path, with_knn):
     with Image.open(out) as im:
         assert im.size == PLOT_SIZE
     assert out.stat().st_size > 10_000
+
+
+@needs_mpl
+def test_plot_draws_the_random_init_baseline_from_the_summary(tmp_path):
+    from cmae.viz.plot import random_init_knn
+
+    run = tmp_path / "run"
+    write_log(run, True)
+    assert random_init_knn(run) is None  # no summary.json yet
+    plain = np.asarray(Image.open(plot_run(run, tmp_path / "plain.png")).convert("L"))
+    (run / "summary.json").write_text(json.dumps({"knn_random_init": {"top1": 25.0}}))
+    assert random_init_knn(run) == 25.0
+    with_line = np.asarray(Image.open(plot_run(run, tmp_path / "line.png")).convert("L"))
+    h, w = plain.shape  # the kNN panel is the bottom-right quarter; elsewhere nothing changes
+    assert (plain[: h // 2] == with_line[: h // 2]).all()
+    assert (plain[h // 2 :, w // 2 :] != with_line[h // 2 :, w // 2 :]).sum() > 500
+    (run / "summary.json").write_text("{not json")
+    assert random_init_knn(run) is None
 
 
 @needs_mpl

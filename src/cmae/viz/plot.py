@@ -64,6 +64,16 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def random_init_knn(run_dir: Path) -> float | None:
+    """The random-init encoder's kNN top-1 of the run's summary.json, if it has one."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        value = summary["knn_random_init"]["top1"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the curves of a run to ``out`` (default ``RUN/curves.png``), PLOT_SIZE pixels."""
     try:
@@ -88,8 +98,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(x, y)
         ax.set_title(title)
     x, y = series(records, "knn_top1")
+    baseline = random_init_knn(run_dir)
     if y:
-        ax_knn.plot(x, y, marker="o")
+        ax_knn.plot(x, y, marker="o", label="pretrained")
+        if baseline is not None:  # the end-of-run check's random-init encoder, for scale
+            ax_knn.axhline(baseline, linestyle="--", color="grey", label="random init")
+            ax_knn.legend(loc="lower right")
     else:
         ax_knn.text(0.5, 0.5, "no knn_top1 in log.jsonl", ha="center", va="center")
     ax_knn.set_title("kNN top-1 (%)")
