@@ -2,9 +2,9 @@ import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
-import numpy as np
 from PIL import Image
 
 from cmae.cli import main
