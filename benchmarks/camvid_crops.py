@@ -1,7 +1,7 @@
 """A held-out classification set built from CamVid: labelled crops of road scenes.
 
     python benchmarks/camvid_crops.py ~/.cache/cmae-data/camvid /work/data/camvid_crops \
-        [--size 32] [--per-image 60] [--min-share 0.6] [--seed 0]
+        [--size 32] [--per-image 150] [--min-share 0.6] [--seed 0]
 
 For the transfer linear probe of docs/RESULTS.md (issue 17): encoders pretrained on CIFAR-10
 are probed on images of another source. From every CamVid image (ADE20K layout: images/ and
@@ -10,9 +10,10 @@ side (1/6 to 1/3 of the image height) and position; a crop is kept when one clas
 least ``--min-share`` of its labelled pixels (void ignored, and at most 10 % void), is labelled
 with that class, and is resized to ``--size`` (bicubic, antialiased). Crops of the training
 images form train/, those of the validation images val/ (CamVid's own split, so no image
-contributes to both). Classes with fewer than ``--min-count`` crops in either split are dropped,
-and each class of train/ is capped at ``--cap`` crops (the first ones drawn), so a few large
-classes (road, building, sky) do not swamp the rest. Output: an ImageFolder tree of PNGs plus
+contributes to both). Classes with fewer than ``--min-count`` crops in train/ (a quarter of it
+in val/) are dropped, and each class is capped at ``--cap`` crops in train/ and ``--val-cap``
+in val/ (the first ones drawn), so a few large classes (road, building, sky) do not swamp the
+rest. Output: an ImageFolder tree of PNGs plus
 counts.json. Deterministic for a given seed. The images stay outside the repository: they are
 CamVid's (research and personal use only).
 """
@@ -61,10 +62,11 @@ def main() -> None:
     p.add_argument("camvid", type=Path, help="CamVid in ADE20K layout (images/, annotations/)")
     p.add_argument("out", type=Path)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--per-image", type=int, default=60)
+    p.add_argument("--per-image", type=int, default=150)
     p.add_argument("--min-share", type=float, default=0.6)
     p.add_argument("--min-count", type=int, default=100)
-    p.add_argument("--cap", type=int, default=1500)
+    p.add_argument("--cap", type=int, default=1500, help="most crops per class in train/")
+    p.add_argument("--val-cap", type=int, default=400, help="most crops per class in val/")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     root = args.camvid.expanduser()
@@ -95,7 +97,7 @@ def main() -> None:
     for split, per_class in kept.items():
         counts[split] = {}
         for c in classes:
-            imgs = per_class[c][: args.cap] if split == "train" else per_class[c]
+            imgs = per_class[c][: args.cap if split == "train" else args.val_cap]
             d = args.out / split / names[c - 1]
             d.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(imgs):
