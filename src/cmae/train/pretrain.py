@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cmae.config import Config, ConfigError, TrainConfig, to_dict
-from cmae.data.datasets import DataError, build_datasets, loader_workers
+from cmae.data.datasets import DataError, InMemory, build_datasets, loader_workers
 from cmae.data.pipeline import build_device_color, build_device_views, build_views, to_device
 from cmae.data.sampling import BadImages, EpochSampler, SeededSamples
 from cmae.data.views import DeviceTargetColor, DeviceViews, collate_boxes, eval_transform
@@ -522,7 +522,11 @@ def knn_of(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) ->
         d.std,
         t.knn_k,
         t.knn_t,
-        num_workers=min(loader_workers(d.num_workers), 2),
+        # sets held in memory (the generated ones) need no loader processes; forking one per
+        # evaluation also left the run hanging after a Ctrl-C that arrived meanwhile
+        num_workers=0
+        if isinstance(data.bank_set, InMemory)
+        else min(loader_workers(d.num_workers), 2),
     )
 
 
