@@ -522,8 +522,7 @@ def knn_of(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) ->
         d.std,
         t.knn_k,
         t.knn_t,
-        # sets held in memory (the generated ones) need no loader processes; forking one per
-        # evaluation also left the run hanging after a Ctrl-C that arrived meanwhile
+        # sets held in memory (the generated ones) need no loader process forked per evaluation
         num_workers=0
         if isinstance(data.bank_set, InMemory)
         else min(loader_workers(d.num_workers), 2),
