@@ -17,8 +17,14 @@ from tests.conftest import tiny_overrides
 SRC = str(Path(cmae.__file__).resolve().parents[1])
 LIMIT_S = 120  # start-up on a loaded CPU included; a hang never ends
 
+# The child starts with Ctrl-C's default handling, as a command typed at a terminal does: a
+# test run started as a background job of a script (`.ci/run > log &`) inherits SIGINT
+# ignored, and a child with SIGINT ignored rightly keeps training (the "hang" this test
+# once showed in such runs).
 RUN = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from cmae import cli
 from cmae.train import pretrain
 
