@@ -2,7 +2,7 @@
 # Issue 17 study queue (after tuning): MAE vs CMAE at 1, 3 (seeds 0, 1) and 10 (seed 0) epochs
 # Usage: RUNS=... SPLIT=... CMAE_SETTINGS="..." MAE_SETTINGS="..." benchmarks/evidence/study.sh
 # on the 45k train split, kNN monitor every epoch on the 5k val split. Idempotent; resumable.
-# The CIFAR-10 test split is touched only by eval.sh, once, after all runs are done.
+# The CIFAR-10 test split is touched only by evaluate.py, once, after all runs are done.
 set -f
 # Long runs: point PYTHONPATH at a snapshot of src/ (git archive HEAD src | tar -x -C SNAP)
 # so that edits to the work tree do not reach a running job.
@@ -16,11 +16,7 @@ COMMON="--data $D train.threads=2 data.num_workers=1 train.log_every=10 \
 # the chosen settings (filled in from the tuning table, docs/RECIPES.md)
 CM="--config tiny $COMMON ${CMAE_SETTINGS:?set CMAE_SETTINGS}"
 MM="--config mae_tiny $COMMON ${MAE_SETTINGS:?set MAE_SETTINGS}"
-run() { name=$1; shift
-  [ -f $R/$name/summary.json ] && { echo "skip $name"; return; }
-  echo "start $name $(date -u +%T)"
-  /usr/bin/time -f "$name %e s wall" "$PY" -m cmae pretrain --out $R/$name "$@" > $R/$name.log 2>&1
-  echo "end $name rc=$? $(date -u +%T)"; }
+. "$(dirname "$0")/queue.sh"
 for seed in 0 1; do
   run cmae_e1_s$seed $CM train.epochs=1 train.warmup_epochs=0.1 train.seed=$seed
   run mae_e1_s$seed  $MM train.epochs=1 train.warmup_epochs=0.1 train.seed=$seed

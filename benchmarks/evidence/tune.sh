@@ -15,11 +15,7 @@ COMMON="--data $D train.epochs=1 train.warmup_epochs=0.1 train.threads=2 data.nu
 RULE="model.mask_block=1 data.max_shift=5 data.blur_sigma=[0.014,0.29]"
 CM="--config tiny $COMMON $RULE"
 MM="--config mae_tiny $COMMON data.max_shift=5 data.mae_same_crop=true"
-run() { name=$1; shift
-  [ -f $R/$name/summary.json ] && { echo "skip $name"; return; }
-  echo "start $name $(date -u +%T)"
-  /usr/bin/time -f "$name %e s wall" "$PY" -m cmae pretrain --out $R/$name "$@" > $R/$name.log 2>&1
-  echo "end $name rc=$? $(date -u +%T)"; }
+. "$(dirname "$0")/queue.sh"
 run c_base  $CM train.momentum=0.996 train.momentum_end=0.996
 run m_base  $MM
 run c_m99   $CM train.momentum=0.99 train.momentum_end=0.99

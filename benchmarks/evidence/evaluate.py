@@ -1,0 +1,133 @@
+"""Issue-17 final evaluation: every finished study run (and random init) on held-out data.
+
+    python benchmarks/evidence/evaluate.py --runs RUNS/study --out RUNS/eval \\
+        --cifar ~/.cache/cmae-data/cifar10 --cifar-tv SPLIT \\
+        --crops CROPS --crops-tv CROPS_TV [--py PYTHON] [--only cmae_e1_s0 ...]
+
+For each encoder (a study run's encoder.safetensors, or ``random`` with seeds 0 and 1):
+
+- kNN (k=20, T=0.07, fixed): bank = CIFAR-10 train (50,000), queries = CIFAR-10 test;
+- linear probe (fast mode): the learning rate is chosen on the validation split (``--cifar-tv``,
+  45,000 / 5,000 of CIFAR-10 train) and that one learning rate is then trained on train and
+  scored on test, so the test split picks nothing;
+- the same two-stage probe on the CamVid crops (``--crops``: train / val from CamVid's own
+  splits; ``--crops-tv``: a split of the crops' train part made by split.py).
+
+Each command is skipped when its results.json exists (idempotent, resumable). Prints one JSON
+line per encoder and a markdown table (mean and standard error over seeds) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+PROBE_ARGS: list[str] = []  # --probe-args: extra `cmae linprobe` overrides
+RUN_NAME = re.compile(r"(?P<method>cmae|mae)_e(?P<epochs>\d+)_s(?P<seed>\d+)$")
+
+
+def cmae(py: str, args: list[str], out: Path) -> dict:
+    """``cmae ARGS --out OUT`` unless OUT/results.json exists; its metrics."""
+    results = out / "results.json"
+    if not results.is_file():
+        cmd = [py, "-m", "cmae", *args, "--out", str(out)]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
+        if subprocess.run(cmd).returncode:
+            sys.exit(f"evaluate: failed: {' '.join(cmd)}")
+    return json.loads(results.read_text())
+
+
+def probe(py: str, encoder: list[str], tv: Path, final: Path, out: Path, cache: Path) -> dict:
+    """Learning rate chosen on tv (train / val), then that one trained on final's train and
+    scored on its held-out split."""
+    common = [f"cache_dir={cache}", *PROBE_ARGS]
+    chosen = cmae(py, ["linprobe", *encoder, "--data", str(tv), *common], out / "tv")
+    scored = cmae(
+        py,
+        ["linprobe", *encoder, "--data", str(final), *common, f"blrs=[{chosen['best_blr']}]"],
+        out / "final",
+    )
+    return {"top1": scored["top1"], "blr": chosen["best_blr"], "val_top1": chosen["top1"]}
+
+
+def evaluate(args: argparse.Namespace, name: str, encoder: list[str]) -> dict:
+    out, cache = args.out / name, args.out / "features"
+    knn = cmae(
+        args.py,
+        ["knn", *encoder, "--data", str(args.cifar), f"cache_dir={cache}"],
+        out / "knn",
+    )
+    lp = probe(args.py, encoder, args.cifar_tv, args.cifar, out / "lp_cifar", cache)
+    cv = probe(args.py, encoder, args.crops_tv, args.crops, out / "lp_crops", cache)
+    return {"name": name, "knn": knn["top1"], "linear": lp["top1"], "linear_blr": lp["blr"],
+            "crops": cv["top1"], "crops_blr": cv["blr"]}  # fmt: skip
+
+
+def mean_se(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{m:.2f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.2f} ± {sd / math.sqrt(len(values)):.2f}"
+
+
+def table(rows: list[dict], walls: dict[str, float]) -> str:
+    groups = defaultdict(list)
+    for r in rows:
+        m = RUN_NAME.match(r["name"])
+        key = (m["method"].upper(), int(m["epochs"])) if m else ("random init", 0)
+        groups[key].append(r)
+    lines = [
+        "| encoder | epochs | seeds | kNN top-1 | linear top-1 | CamVid-crops linear | "
+        "pretrain wall (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, epochs), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        wall = [walls[r["name"]] / 60 for r in rs if r["name"] in walls]
+        lines.append(
+            f"| {method} | {epochs or '-'} | {len(rs)} | {mean_se([r['knn'] for r in rs])} | "
+            f"{mean_se([r['linear'] for r in rs])} | {mean_se([r['crops'] for r in rs])} | "
+            f"{mean_se(wall) if wall else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=Path, required=True, help="the study's run directories")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cifar", type=Path, required=True, help="CIFAR-10 root with train/, test/")
+    p.add_argument("--cifar-tv", type=Path, required=True, help="split.py's train / val split")
+    p.add_argument("--crops", type=Path, required=True, help="camvid_crops.py's output")
+    p.add_argument("--crops-tv", type=Path, required=True, help="split.py of the crops")
+    p.add_argument("--py", default=sys.executable)
+    p.add_argument("--only", nargs="*", help="run names to evaluate (default: all finished)")
+    p.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--probe-args", nargs="*", default=[], help="e.g. batch_size=256")
+    args = p.parse_args()
+    PROBE_ARGS.extend(args.probe_args)
+    for a in ("cifar", "cifar_tv", "crops", "crops_tv"):
+        setattr(args, a, getattr(args, a).expanduser())
+
+    runs = sorted(d for d in args.runs.iterdir() if (d / "summary.json").is_file())
+    runs = [d for d in runs if RUN_NAME.match(d.name) and (not args.only or d.name in args.only)]
+    rows, walls = [], {}
+    for seed in args.random_seeds:
+        enc = ["--checkpoint", "random", "encoder.preset=tiny", f"seed={seed}"]
+        rows.append(evaluate(args, f"random_s{seed}", enc))
+        print(json.dumps(rows[-1]), flush=True)
+    for d in runs:
+        walls[d.name] = json.loads((d / "summary.json").read_text())["wall_s"]
+        rows.append(evaluate(args, d.name, ["--checkpoint", str(d / "encoder.safetensors")]))
+        print(json.dumps({**rows[-1], "pretrain_wall_s": walls[d.name]}), flush=True)
+    print(table(rows, walls))
+
+
+if __name__ == "__main__":
+    main()
