@@ -1,6 +1,6 @@
 #!/bin/bash
-# Issue 17 study queue (after tuning): MAE vs CMAE at 1, 3 (seeds 0, 1) and 10 (seed 0) epochs
-# Usage: RUNS=... SPLIT=... CMAE_SETTINGS="..." MAE_SETTINGS="..." benchmarks/evidence/study.sh
+# Issue 17 study queue (after tuning): MAE vs CMAE at 1, 3 (seeds 1, 2) and 10 (seed 1) epochs
+# Usage: RUNS=... SPLIT=... [PY=...] [CMAE_SETTINGS="..."] [MAE_SETTINGS="..."] benchmarks/evidence/study.sh
 # on the 45k train split, kNN monitor every epoch on the 5k val split. Idempotent; resumable.
 # The CIFAR-10 test split is touched only by evaluate.py, once, after all runs are done.
 set -f
@@ -13,17 +13,20 @@ mkdir -p "$R"
 D=${SPLIT:?set SPLIT, the output of benchmarks/evidence/split.py}
 COMMON="--data $D train.threads=2 data.num_workers=1 train.log_every=10 \
  train.knn_at_end=false train.knn_every=1 data.knn_bank=10000 data.knn_queries=5000 train.resume=auto"
-# the chosen settings (filled in from the tuning table, docs/RECIPES.md)
-CM="--config tiny $COMMON ${CMAE_SETTINGS:?set CMAE_SETTINGS}"
-MM="--config mae_tiny $COMMON ${MAE_SETTINGS:?set MAE_SETTINGS}"
+# the presets carry the settings chosen on the validation split (docs/RECIPES.md); *_SETTINGS:
+# extra overrides (e.g. the same settings pinned, so a later preset change cannot reach a resume)
+CM="--config tiny $COMMON ${CMAE_SETTINGS-}"
+MM="--config mae_tiny $COMMON ${MAE_SETTINGS-}"
 . "$(dirname "$0")/queue.sh"
-for seed in 0 1; do
+# seeds 1 and 2: the tuning ran seed 0, and a setting chosen as the best of several at seed 0
+# is flattered by that seed (winner's curse); other seeds are not
+for seed in 1 2; do
   run cmae_e1_s$seed $CM train.epochs=1 train.warmup_epochs=0.1 train.seed=$seed
   run mae_e1_s$seed  $MM train.epochs=1 train.warmup_epochs=0.1 train.seed=$seed
 done
-for seed in 0 1; do
+for seed in 1 2; do
   run cmae_e3_s$seed $CM train.epochs=3 train.warmup_epochs=0.3 train.seed=$seed
   run mae_e3_s$seed  $MM train.epochs=3 train.warmup_epochs=0.3 train.seed=$seed
 done
-run mae_e10_s0  $MM train.epochs=10 train.warmup_epochs=1 train.seed=0
-run cmae_e10_s0 $CM train.epochs=10 train.warmup_epochs=1 train.seed=0
+run mae_e10_s1  $MM train.epochs=10 train.warmup_epochs=1 train.seed=1
+run cmae_e10_s1 $CM train.epochs=10 train.warmup_epochs=1 train.seed=1

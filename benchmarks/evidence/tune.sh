@@ -26,3 +26,11 @@ run c_blk2  $CM train.momentum=0.996 train.momentum_end=0.996 model.mask_block=2
 run m_rrc   --config mae_tiny $COMMON
 run c_sh8   $CM train.momentum=0.996 train.momentum_end=0.996 data.max_shift=8
 run m_sh8   $MM data.max_shift=8
+# second round, one run per method: each method's next step from its first-round table
+run m_r65_sh8 $MM model.mask_ratio=0.65 data.max_shift=8
+run c_blr075 $CM train.momentum=0.996 train.momentum_end=0.996 train.blr=7.5e-4
+# third round, one run per method: the lr step each method's table points to
+run m_r65_blr3 $MM model.mask_ratio=0.65 train.blr=3e-3
+run c_blr0375 $CM train.momentum=0.996 train.momentum_end=0.996 train.blr=3.75e-4
+# round 4, MAE only (the baseline gets the extra run): the lower lr that helped CMAE in round 2
+run m_r65_blr075 $MM model.mask_ratio=0.65 train.blr=7.5e-4
