@@ -228,6 +228,22 @@ def test_linprobe_command(run_dir, tmp_path, mode):
     assert len(list((out / "features").iterdir())) == (2 if mode == "fast" else 1)
 
 
+def test_linprobe_can_choose_its_lr_on_train(run_dir, tmp_path):
+    # lr_from=train: the lr is the best of the heads scored on a held-out part of train; that
+    # one lr is retrained on all of train and scored once on the held-out split
+    out = tmp_path / "lp"
+    args = ["linprobe", "--checkpoint", str(run_dir / "encoder.safetensors"), "--out", str(out)]
+    overrides = [*DATA, *TRAIN, "blrs=[1e-4,0.05,0.5]", "lr_from=train", "lr_holdout=0.25"]
+    assert main(args + overrides) == 0
+    res = results(out)
+    sel = res["selection"]
+    assert [h["blr"] for h in sel["heads"]] == [1e-4, 0.05, 0.5]
+    assert (sel["n_fit"], sel["n_holdout"]) == (30, 10)  # 40 train images, 10 classes of 4
+    chosen = max(sel["heads"], key=lambda h: h["top1"])["blr"]
+    assert [h["blr"] for h in res["heads"]] == [chosen] and res["best_blr"] == chosen
+    assert res["top1"] == res["heads"][0]["top1"] and res["lr_from"] == "train"
+
+
 @pytest.mark.slow
 def test_finetune_command(run_dir, tmp_path):
     out = tmp_path / "ft"
@@ -285,6 +301,8 @@ def test_eval_configs_validate_and_name_keys():
         (LinprobeConfig, "blrs=[]", "blrs"),
         (LinprobeConfig, "optimizer=adam", "optimizer"),
         (LinprobeConfig, "warmup_epochs=100", "warmup_epochs"),
+        (LinprobeConfig, "lr_from=test", "lr_from"),
+        (LinprobeConfig, "lr_holdout=1", "lr_holdout"),
         (FinetuneConfig, "batch_size=7", "batch_size"),
         (FinetuneConfig, "layer_decay=0", "layer_decay"),
         (FinetuneConfig, "device=tpu", "device"),
@@ -292,6 +310,8 @@ def test_eval_configs_validate_and_name_keys():
     for cls, override, key in bad:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
             load_eval_config(cls, None, [override])
+    with pytest.raises(ConfigError, match="lr_from: 'train' needs mode=fast"):
+        load_eval_config(LinprobeConfig, None, ["lr_from=train", "mode=full"])
     assert to_dict(load_eval_config(KnnConfig))["encoder"]["checkpoint"] == "random"
 
 

@@ -94,3 +94,15 @@ def test_probe_heads_normalise_without_affine():
     assert len(list(heads.parameters())) == 4  # two Linear layers, no BatchNorm weights
     out = heads(torch.randn(8, 5))
     assert out.shape == (2, 8, 3)
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    from cmae.eval.linprobe import holdout_split
+
+    y = torch.tensor([0] * 50 + [1] * 20 + [2] * 3 + [3])
+    fit, held = holdout_split(y, 0.2, seed=0)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(len(y)))  # a partition
+    counts = torch.bincount(y[held], minlength=4).tolist()
+    assert counts == [10, 4, 1, 0]  # per class, rounded; a class of one stays in fit
+    again, other = holdout_split(y, 0.2, seed=0), holdout_split(y, 0.2, seed=1)
+    assert torch.equal(again[1], held) and not torch.equal(other[1], held)

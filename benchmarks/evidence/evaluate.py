@@ -1,17 +1,15 @@
 """Issue-17 final evaluation: every finished study run (and random init) on held-out data.
 
     python benchmarks/evidence/evaluate.py --runs RUNS/study --out RUNS/eval \\
-        --cifar ~/.cache/cmae-data/cifar10 --cifar-tv SPLIT \\
-        --crops CROPS --crops-tv CROPS_TV [--py PYTHON] [--only cmae_e1_s0 ...]
+        --cifar ~/.cache/cmae-data/cifar10 --crops CROPS [--py PYTHON] [--only cmae_e1_s1 ...]
 
 For each encoder (a study run's encoder.safetensors, or ``random`` with seeds 0 and 1):
 
 - kNN (k=20, T=0.07, fixed): bank = CIFAR-10 train (50,000), queries = CIFAR-10 test;
-- linear probe (fast mode): the learning rate is chosen on the validation split (``--cifar-tv``,
-  45,000 / 5,000 of CIFAR-10 train) and that one learning rate is then trained on train and
-  scored on test, so the test split picks nothing;
-- the same two-stage probe on the CamVid crops (``--crops``: train / val from CamVid's own
-  splits; ``--crops-tv``: a split of the crops' train part made by split.py).
+- linear probe (fast mode, ``lr_from=train``): the learning rate is the best of 7 on a 10 %
+  stratified hold-out of CIFAR-10 train; that one lr is retrained on all of train and scored
+  once on test, so the test split picks nothing. Same features as the kNN (one extraction);
+- the same probe on the CamVid crops (``--crops``: train / val from CamVid's own splits).
 
 Each command is skipped when its results.json exists (idempotent, resumable). Prints one JSON
 line per encoder and a markdown table (mean and standard error over seeds) at the end.
@@ -43,17 +41,10 @@ def cmae(py: str, args: list[str], out: Path) -> dict:
     return json.loads(results.read_text())
 
 
-def probe(py: str, encoder: list[str], tv: Path, final: Path, out: Path, cache: Path) -> dict:
-    """Learning rate chosen on tv (train / val), then that one trained on final's train and
-    scored on its held-out split."""
-    common = [f"cache_dir={cache}", *PROBE_ARGS]
-    chosen = cmae(py, ["linprobe", *encoder, "--data", str(tv), *common], out / "tv")
-    scored = cmae(
-        py,
-        ["linprobe", *encoder, "--data", str(final), *common, f"blrs=[{chosen['best_blr']}]"],
-        out / "final",
-    )
-    return {"top1": scored["top1"], "blr": chosen["best_blr"], "val_top1": chosen["top1"]}
+def probe(py: str, encoder: list[str], data: Path, out: Path, cache: Path) -> dict:
+    """The lr chosen on a hold-out of train, then scored once on data's held-out split."""
+    args = ["linprobe", *encoder, "--data", str(data), f"cache_dir={cache}", "lr_from=train"]
+    return cmae(py, [*args, *PROBE_ARGS], out)
 
 
 def evaluate(args: argparse.Namespace, name: str, encoder: list[str]) -> dict:
@@ -63,10 +54,10 @@ def evaluate(args: argparse.Namespace, name: str, encoder: list[str]) -> dict:
         ["knn", *encoder, "--data", str(args.cifar), f"cache_dir={cache}"],
         out / "knn",
     )
-    lp = probe(args.py, encoder, args.cifar_tv, args.cifar, out / "lp_cifar", cache)
-    cv = probe(args.py, encoder, args.crops_tv, args.crops, out / "lp_crops", cache)
-    return {"name": name, "knn": knn["top1"], "linear": lp["top1"], "linear_blr": lp["blr"],
-            "crops": cv["top1"], "crops_blr": cv["blr"]}  # fmt: skip
+    lp = probe(args.py, encoder, args.cifar, out / "lp_cifar", cache)
+    cv = probe(args.py, encoder, args.crops, out / "lp_crops", cache)
+    return {"name": name, "knn": knn["top1"], "linear": lp["top1"], "linear_blr": lp["best_blr"],
+            "crops": cv["top1"], "crops_blr": cv["best_blr"]}  # fmt: skip
 
 
 def mean_se(values: list[float]) -> str:
@@ -103,16 +94,14 @@ def main() -> None:
     p.add_argument("--runs", type=Path, required=True, help="the study's run directories")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cifar", type=Path, required=True, help="CIFAR-10 root with train/, test/")
-    p.add_argument("--cifar-tv", type=Path, required=True, help="split.py's train / val split")
     p.add_argument("--crops", type=Path, required=True, help="camvid_crops.py's output")
-    p.add_argument("--crops-tv", type=Path, required=True, help="split.py of the crops")
     p.add_argument("--py", default=sys.executable)
     p.add_argument("--only", nargs="*", help="run names to evaluate (default: all finished)")
     p.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1])
     p.add_argument("--probe-args", nargs="*", default=[], help="e.g. batch_size=256")
     args = p.parse_args()
     PROBE_ARGS.extend(args.probe_args)
-    for a in ("cifar", "cifar_tv", "crops", "crops_tv"):
+    for a in ("cifar", "crops"):
         setattr(args, a, getattr(args, a).expanduser())
 
     runs = sorted(d for d in args.runs.iterdir() if (d / "summary.json").is_file())

@@ -57,6 +57,11 @@ class LinprobeConfig:
     mode: str = "fast"
     optimizer: str = "sgd"  # sgd (momentum 0.9) or lars (the MAE protocol)
     blrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # lr = blr * batch / 256
+    # where the lr is chosen: "val" = the best head on the held-out split it is reported on
+    # (dinov2's practice); "train" = the best head on lr_holdout of train (stratified, seeded),
+    # then that one lr retrained on all of train and scored once on the held-out split
+    lr_from: str = "val"
+    lr_holdout: float = 0.1
     epochs: int = 90
     warmup_epochs: int = 10
     batch_size: int = 1024
@@ -141,6 +146,12 @@ def validate_eval(cfg: EvalConfig) -> None:
             raise ConfigError(f"blrs: must all be positive, got {cfg.blrs}")
         if cfg.batch_size < 2:
             raise ConfigError("batch_size: BatchNorm needs at least 2 samples per batch")
+        if cfg.lr_from not in ("val", "train"):
+            raise ConfigError(f"lr_from: expected 'val' or 'train', got {cfg.lr_from!r}")
+        if cfg.lr_from == "train" and cfg.mode != "fast":
+            raise ConfigError("lr_from: 'train' needs mode=fast (the lr is chosen on features)")
+        if not 0 < cfg.lr_holdout < 1:
+            raise ConfigError(f"lr_holdout: must be in (0, 1), got {cfg.lr_holdout}")
         return
     if cfg.blr <= 0 or cfg.min_lr < 0:
         raise ConfigError(f"blr / min_lr: need blr > 0, min_lr >= 0; got {cfg.blr}, {cfg.min_lr}")

@@ -178,6 +178,7 @@ def run(cfg: LinprobeConfig) -> dict:
         )
     encoder = build_vit_encoder(weights).to(device).requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
+    selection: list[dict] | None = None
     if cfg.mode == "fast":
         x_tr, y_tr, x_va, y_va = frozen_features(
             encoder,
@@ -192,7 +193,23 @@ def run(cfg: LinprobeConfig) -> dict:
             cache_dir,
             key,
         )
-        batches = feature_batches(x_tr.to(device), y_tr.to(device), cfg.batch_size, generator)
+        x_tr, y_tr = x_tr.to(device), y_tr.to(device)
+        blrs = cfg.blrs
+        if cfg.lr_from == "train":  # choose on a part of train; the held-out split scores once
+            fit, held = holdout_split(y_tr.cpu(), cfg.lr_holdout, cfg.seed)
+            if len(fit) < cfg.batch_size:
+                raise ConfigError(
+                    f"batch_size: {cfg.batch_size} is larger than the part of train the lr is "
+                    f"chosen on ({len(fit)} images; lr_holdout={cfg.lr_holdout})"
+                )
+            batches = feature_batches(x_tr[fit], y_tr[fit], cfg.batch_size, generator)
+            n_steps, n_classes = len(fit) // cfg.batch_size, len(classes)
+            selection = probe_heads(
+                cfg, blrs, batches, n_steps, x_tr[held], y_tr[held], n_classes, device
+            )
+            blrs = (max(selection, key=lambda h: h["top1"])["blr"],)
+            generator = torch.Generator().manual_seed(cfg.seed)
+        batches = feature_batches(x_tr, y_tr, cfg.batch_size, generator)
         steps_per_epoch = len(x_tr) // cfg.batch_size
     else:
         val_file = feature_cache_file(cache_dir, key, "val")
@@ -213,35 +230,75 @@ def run(cfg: LinprobeConfig) -> dict:
         )
         batches = image_batches(encoder, loader, device, mean, std, pool)
         steps_per_epoch = len(loader)
+        blrs = cfg.blrs
 
-    lrs = [blr * cfg.batch_size / 256 for blr in cfg.blrs]
-    seed_everything(cfg.seed)
-    heads = ProbeHeads(x_va.shape[1], len(classes), len(lrs)).to(device)
-    losses = train_heads(
-        heads, batches, steps_per_epoch, lrs, cfg.epochs, cfg.warmup_epochs, cfg.optimizer
-    )
-    accs = evaluate_heads(heads, x_va.to(device), y_va.to(device))
-    per_head = [
-        {"blr": blr, "lr": lr, "top1": a1, "top5": a5, "train_loss": loss}
-        for blr, lr, (a1, a5), loss in zip(cfg.blrs, lrs, accs, losses, strict=True)
-    ]
+    per_head = probe_heads(cfg, blrs, batches, steps_per_epoch, x_va, y_va, len(classes), device)
     best = max(per_head, key=lambda h: h["top1"])
     results = {
         "top1": best["top1"],
         "top5": best["top5"],
         "best_blr": best["blr"],
         "heads": per_head,
+        "lr_from": cfg.lr_from,
         "n_train": len(train_set),
         "n_val": len(y_va),
         "num_classes": len(classes),
         "mean": mean,
         "std": std,
     }
+    if selection is not None:
+        results["selection"] = {"heads": selection, "n_holdout": len(held), "n_fit": len(fit)}
+        how = (
+            f"chosen of {len(cfg.blrs)} on {len(held)} held-out train images, then trained on "
+            f"all {len(train_set)} and scored once on {len(y_va)} val images"
+        )
+    else:
+        how = (
+            f"best of {len(blrs)} on the held-out split, {len(train_set)} train / "
+            f"{len(y_va)} val images"
+        )
     write_results(out_dir, results, to_dict(cfg))
     print(
         f"cmae linprobe ({cfg.mode}, {cfg.optimizer}): top-1 {best['top1']:.2f}%  "
-        f"top-5 {best['top5']:.2f}% at blr {best['blr']:g} (best of {len(lrs)} on the held-out "
-        f"split, {len(train_set)} train / {len(y_va)} val images, {cfg.encoder.checkpoint}); "
+        f"top-5 {best['top5']:.2f}% at blr {best['blr']:g} ({how}, {cfg.encoder.checkpoint}); "
         f"wrote {out_dir / 'results.json'}"
     )
     return results
+
+
+def probe_heads(
+    cfg: LinprobeConfig,
+    blrs: Sequence[float],
+    batches: Batches,
+    steps_per_epoch: int,
+    x_eval: Tensor,
+    y_eval: Tensor,
+    num_classes: int,
+    device: torch.device,
+) -> list[dict]:
+    """One head per blr trained on ``batches``, each scored on (x_eval, y_eval)."""
+    lrs = [blr * cfg.batch_size / 256 for blr in blrs]
+    seed_everything(cfg.seed)
+    heads = ProbeHeads(x_eval.shape[1], num_classes, len(lrs)).to(device)
+    losses = train_heads(
+        heads, batches, steps_per_epoch, lrs, cfg.epochs, cfg.warmup_epochs, cfg.optimizer
+    )
+    accs = evaluate_heads(heads, x_eval.to(device), y_eval.to(device))
+    return [
+        {"blr": blr, "lr": lr, "top1": a1, "top5": a5, "train_loss": loss}
+        for blr, lr, (a1, a5), loss in zip(blrs, lrs, accs, losses, strict=True)
+    ]
+
+
+def holdout_split(y: Tensor, frac: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (fit, held) into labels ``y``: per class a seeded random ``frac`` of its
+    samples (at least one, when it has two or more) is held out."""
+    generator = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n = max(1, round(len(idx) * frac)) if len(idx) > 1 else 0
+        held.append(idx[:n])
+        fit.append(idx[n:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
