@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -179,7 +180,7 @@ def test_plot_cli_and_errors(tmp_path, capsys, monkeypatch):
 
 @needs_mpl
 def test_plot_several_runs_on_shared_axes(tmp_path, capsys):
-    from cmae.viz.plot import _x_of, plot_runs, read_log
+    from cmae.viz.plot import _x_of, plot_runs, read_log, training_seconds
 
     for name in ("mae", "cmae"):
         write_log(tmp_path / name)
@@ -190,6 +191,13 @@ def test_plot_several_runs_on_shared_axes(tmp_path, capsys):
     assert [_x_of(recs, "wall", tmp_path / "cmae")(r) for r in knn] == pytest.approx([1.0, 2.0])
     assert [_x_of(recs, "epoch", tmp_path / "cmae")(r) for r in knn] == [2, 3]
     assert _x_of(recs, "epoch", tmp_path / "cmae")(recs[0]) is None  # no kNN in that record
+    # an interval spanning the monitor (its rate lowered by the monitor's time in older logs)
+    # is timed at the rate before it: the wall axis is training time
+    slow = [dict(r, img_per_s=5.0) if r.get("step") == 11 and "loss" in r else r for r in recs]
+    assert [_x_of(slow, "wall", tmp_path / "cmae")(r) for r in knn] == pytest.approx([1.0, 2.0])
+    slow = [dict(r, img_per_s=5.0) if r.get("step") == 12 else r for r in recs]  # not spanning
+    assert _x_of(slow, "wall", tmp_path / "cmae")(knn[1]) == pytest.approx(2.0 - 0.1 + 2.0)
+    assert training_seconds(tmp_path / "cmae") == pytest.approx(2.0)  # 20 steps of 0.1 s
     runs = [str(tmp_path / "mae"), str(tmp_path / "cmae")]
     for x in ("step", "epoch", "wall"):
         out = tmp_path / f"cmp_{x}.png"
@@ -308,3 +316,16 @@ def test_resumed_steps_are_drawn_once(tmp_path):
     assert steps == list(range(1, 9))
     assert losses == [1.0] * 4 + [2.0] * 4  # the retrained steps' values, not the lost ones
     assert series(read_log(tmp_path), "knn_top1") == ([8], [50.0])
+
+
+def test_monitor_time_is_kept_out_of_the_logged_speed():
+    """The epoch-end monitor (kNN, pictures) shifts the speed clock by its own duration."""
+    from types import SimpleNamespace
+
+    from cmae.train.pretrain import monitor_epoch
+
+    visuals = SimpleNamespace(epoch_end=lambda *a: time.sleep(0.2))
+    run = SimpleNamespace(visuals=visuals, tick=100.0)
+    cfg = SimpleNamespace(train=SimpleNamespace(knn_every=0))
+    monitor_epoch(cfg, run, SimpleNamespace(bank_set=None), None, 10, 0, None)
+    assert run.tick >= 100.2

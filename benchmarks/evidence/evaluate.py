@@ -12,7 +12,9 @@ For each encoder (a study run's encoder.safetensors, or ``random`` with seeds 0 
 - the same probe on the CamVid crops (``--crops``: train / val from CamVid's own splits).
 
 Each command is skipped when its results.json exists (idempotent, resumable). Prints one JSON
-line per encoder and a markdown table (mean and standard error over seeds) at the end.
+line per encoder and a markdown table (mean and standard error over seeds) at the end; a run's
+time there is its training time from log.jsonl (``cmae.viz.plot.training_seconds``: every
+segment of a resumed run, the kNN monitor and start-up left out).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from cmae.viz.plot import training_seconds
 
 PROBE_ARGS: list[str] = []  # --probe-args: extra `cmae linprobe` overrides
 RUN_NAME = re.compile(r"(?P<method>cmae|mae)_e(?P<epochs>\d+)_s(?P<seed>\d+)$")
@@ -76,7 +80,7 @@ def table(rows: list[dict], walls: dict[str, float]) -> str:
         groups[key].append(r)
     lines = [
         "| encoder | epochs | seeds | kNN top-1 | linear top-1 | CamVid-crops linear | "
-        "pretrain wall (min) |",
+        "training time (min) |",
         "|---|---|---|---|---|---|---|",
     ]
     for (method, epochs), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -112,9 +116,9 @@ def main() -> None:
         rows.append(evaluate(args, f"random_s{seed}", enc))
         print(json.dumps(rows[-1]), flush=True)
     for d in runs:
-        walls[d.name] = json.loads((d / "summary.json").read_text())["wall_s"]
+        walls[d.name] = training_seconds(d)  # all segments of a resumed run, monitor left out
         rows.append(evaluate(args, d.name, ["--checkpoint", str(d / "encoder.safetensors")]))
-        print(json.dumps({**rows[-1], "pretrain_wall_s": walls[d.name]}), flush=True)
+        print(json.dumps({**rows[-1], "training_s": round(walls[d.name], 1)}), flush=True)
     print(table(rows, walls))
 
 

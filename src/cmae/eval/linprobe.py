@@ -179,6 +179,7 @@ def run(cfg: LinprobeConfig) -> dict:
     encoder = build_vit_encoder(weights).to(device).requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     selection: list[dict] | None = None
+    blrs = cfg.blrs
     if cfg.mode == "fast":
         x_tr, y_tr, x_va, y_va = frozen_features(
             encoder,
@@ -194,7 +195,6 @@ def run(cfg: LinprobeConfig) -> dict:
             key,
         )
         x_tr, y_tr = x_tr.to(device), y_tr.to(device)
-        blrs = cfg.blrs
         if cfg.lr_from == "train":  # choose on a part of train; the held-out split scores once
             fit, held = holdout_split(y_tr.cpu(), cfg.lr_holdout, cfg.seed)
             if len(fit) < cfg.batch_size:
@@ -230,7 +230,6 @@ def run(cfg: LinprobeConfig) -> dict:
         )
         batches = image_batches(encoder, loader, device, mean, std, pool)
         steps_per_epoch = len(loader)
-        blrs = cfg.blrs
 
     per_head = probe_heads(cfg, blrs, batches, steps_per_epoch, x_va, y_va, len(classes), device)
     best = max(per_head, key=lambda h: h["top1"])

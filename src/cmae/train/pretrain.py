@@ -541,7 +541,7 @@ def monitor_epoch(
     """Rank 0, at an epoch's end: the kNN monitor (train.knn_every) and the pictures."""
     if not is_main():
         return
-    t = cfg.train
+    t, start = cfg.train, time.perf_counter()
     if t.knn_every and (epoch + 1) % t.knn_every == 0 and data.bank_set is not None:
         # forked RNG: the monitor leaves the training run's random stream untouched
         with torch.random.fork_rng(devices=[]):
@@ -550,6 +550,7 @@ def monitor_epoch(
         run.write(rec)
         run.bar.set_postfix(knn_top1=f"{res['top1']:.2f}")
     run.visuals.epoch_end(model, epoch + 1, step)
+    run.tick += time.perf_counter() - start  # the logged img/s is the training's alone
 
 
 OUTPUTS = ("encoder.safetensors", "summary.json")  # written after checkpoint.pt

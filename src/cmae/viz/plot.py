@@ -170,6 +170,16 @@ def plot_runs(
     return out
 
 
+def training_seconds(run_dir: str | Path) -> float:
+    """A run's training time from its log (the ``--x wall`` axis at its last logged step): all
+    of its segments when it was resumed, the kNN monitor's time left out. Unlike the summary's
+    ``wall_s``, which covers the last segment only, start-up and monitor included."""
+    run = Path(run_dir).expanduser()
+    records = read_log(run)
+    to_x = _x_of(records, "wall", run)
+    return max((x for x in map(to_x, records) if x is not None), default=0.0)
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -186,11 +196,18 @@ def _x_of(records: list[dict[str, Any]], x_axis: str, run: Path):
     )
     if batch is None:
         raise DataError(f"{run}: --x wall needs config.yaml (the batch size) beside log.jsonl")
-    wall, last, at = 0.0, 0, {}
-    for r in records:  # seconds spent up to each logged step, from the logged img/s
-        if _number(r.get("img_per_s")) and r["img_per_s"] > 0 and isinstance(r.get("step"), int):
-            wall += (r["step"] - last) * batch / r["img_per_s"]
-            last = r["step"]
+    # training seconds up to each logged step, from the logged img/s. An interval that spans a
+    # kNN record is timed at the rate before it: in logs written before the monitor's time was
+    # kept out of img/s, that interval's rate includes the monitor, which is not training
+    wall, last, rate, at, spans_monitor = 0.0, 0, None, {}, False
+    for r in records:
+        speed = r.get("img_per_s")
+        if _number(speed) and speed > 0 and isinstance(r.get("step"), int):
+            rate = rate if spans_monitor and rate is not None else speed
+            wall += (r["step"] - last) * batch / rate
+            last, spans_monitor = r["step"], False
+        elif "knn_top1" in r:
+            spans_monitor = True
         if isinstance(r.get("step"), int):
             at.setdefault(r["step"], wall)
     return lambda r: at.get(r.get("step"))
