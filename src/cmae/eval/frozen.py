@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,14 +34,23 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 0,
     l2_normalize: bool = True,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Features [N, D] (cls token or mean of patch tokens; L2-normalised unless told not to)
-    and labels [N], on the CPU."""
+    and labels [N], on the CPU. ``worker_init_fn``: inside a training run, its
+    ``StopSignals.worker_init_fn`` (the loader's workers then outlive a stop signal sent to
+    the whole process group while the main process finishes and saves)."""
     if pool not in ("mean", "cls"):
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
     was_training = encoder.training
     encoder.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=worker_init_fn,
+    )
     feats, labels = [], []
     for imgs, y in loader:
         x = encoder(normalize(imgs.to(device, non_blocking=True), mean, std))  # [N, 1+L, D]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,12 +61,13 @@ def knn_eval(
     temperature: float = 0.07,
     pool: str = "mean",
     num_workers: int = 0,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> dict:
-    """Extract features of both sets and return {"top1", "top5"} (percent)."""
-    bank, bank_y = extract_features(
-        encoder, bank_set, device, mean, std, pool, num_workers=num_workers
-    )
-    q, q_y = extract_features(encoder, query_set, device, mean, std, pool, num_workers=num_workers)
+    """Extract features of both sets and return {"top1", "top5"} (percent);
+    ``worker_init_fn`` as in ``extract_features``."""
+    loading = {"num_workers": num_workers, "worker_init_fn": worker_init_fn}
+    bank, bank_y = extract_features(encoder, bank_set, device, mean, std, pool, **loading)
+    q, q_y = extract_features(encoder, query_set, device, mean, std, pool, **loading)
     num_classes = int(max(bank_y.max(), q_y.max())) + 1
     scores = knn_predict(bank, bank_y, q, num_classes, k, temperature)
     top1, top5 = topk_accuracy(scores, q_y)

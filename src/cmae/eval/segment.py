@@ -7,6 +7,7 @@ ranks) -> mIoU, mAcc, aAcc and per-class IoU / accuracy; the predictions picture
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -107,13 +108,22 @@ def evaluate(
     device: torch.device,
     amp: torch.dtype | None,
     workers: int,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> Tensor:
     """The confusion matrix over the whole validation split; each rank takes every
-    world_size-th image and the counts are summed across ranks."""
+    world_size-th image and the counts are summed across ranks. ``worker_init_fn``: the
+    training run's ``StopSignals.worker_init_fn`` (its workers outlive a stop signal sent to
+    the whole process group while the run finishes the evaluation and saves)."""
     was_training = model.training
     model.eval()
     mine = Subset(val_set, list(range(rank(), len(val_set), world_size())))
-    loader = DataLoader(mine, batch_size=1, num_workers=workers, generator=torch.Generator())
+    loader = DataLoader(
+        mine,
+        batch_size=1,
+        num_workers=workers,
+        generator=torch.Generator(),
+        worker_init_fn=worker_init_fn,
+    )
     conf = torch.zeros(model.num_classes, model.num_classes, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     for img, label, _ in loader:

@@ -526,6 +526,9 @@ def knn_of(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) ->
         num_workers=0
         if isinstance(data.bank_set, InMemory)
         else min(loader_workers(d.num_workers), 2),
+        # its workers, like the training loader's, outlive a stop signal sent to the whole
+        # process group (`pkill -f`, a scheduler) while this process finishes and saves
+        worker_init_fn=data.loader.worker_init_fn,
     )
 
 

@@ -257,7 +257,9 @@ def train(cfg: SegmentConfig, stop: StopSignals) -> dict:
 
     def eval_now() -> None:
         workers = min(loader_workers(cfg.data.num_workers), 2)
-        conf = evaluate(model, data.val_set, cfg.data.crop, cfg.data.stride, device, amp, workers)
+        stops = data.loader.worker_init_fn  # the group-signal-proof workers, as in training
+        val = data.val_set
+        conf = evaluate(model, val, cfg.data.crop, cfg.data.stride, device, amp, workers, stops)
         log.evaluation(
             {"step": step, **seg_metrics(conf, data.classes), "confusion": conf.tolist()}
         )
