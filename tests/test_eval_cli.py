@@ -259,8 +259,14 @@ def test_finetune_command(run_dir, tmp_path):
     part = tmp_path / "part"
     plain = ["mixup=0", "cutmix=0", "reprob=0", "rand_augment=''", "smoothing=0"]
     args = ["finetune", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(part)]
-    assert main(args + [*DATA, *TRAIN, *plain, "trainable_blocks=1"]) == 0
-    assert results(part)["trainable_params"] < full_params / 5
+    every = ["epochs=3", "eval_every=2"]  # evaluated after epoch 2 and the last (3)
+    assert main(args + [*DATA, *TRAIN, *plain, "trainable_blocks=1", *every]) == 0
+    res = results(part)
+    assert res["trainable_params"] < full_params / 5
+    log = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and "top1" not in log[0]
+    assert [r["epoch"] for r in log if "top1" in r] == [1, 2] and log[2]["top1"] == res["top1"]
+    assert res["best_epoch"] in (1, 2)
 
 
 @pytest.mark.slow
@@ -306,6 +312,7 @@ def test_eval_configs_validate_and_name_keys():
         (FinetuneConfig, "batch_size=7", "batch_size"),
         (FinetuneConfig, "layer_decay=0", "layer_decay"),
         (FinetuneConfig, "device=tpu", "device"),
+        (FinetuneConfig, "eval_every=0", "eval_every"),
     ]
     for cls, override, key in bad:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[")):

@@ -1,7 +1,8 @@
 """Issue-17 final evaluation: every finished study run (and random init) on held-out data.
 
     python benchmarks/evidence/evaluate.py --runs RUNS/study --out RUNS/eval \\
-        --cifar ~/.cache/cmae-data/cifar10 --crops CROPS [--py PYTHON] [--only cmae_e1_s1 ...]
+        --cifar ~/.cache/cmae-data/cifar10 --crops CROPS [--finetune FT] [--py PYTHON] \\
+        [--only cmae_e1_s1 ...]
 
 For each encoder (a study run's encoder.safetensors, or ``random`` with seeds 0 and 1):
 
@@ -9,7 +10,12 @@ For each encoder (a study run's encoder.safetensors, or ``random`` with seeds 0 
 - linear probe (fast mode, ``lr_from=train``): the learning rate is the best of 7 on a 10 %
   stratified hold-out of CIFAR-10 train; that one lr is retrained on all of train and scored
   once on test, so the test split picks nothing. Same features as the kNN (one extraction);
-- the same probe on the CamVid crops (``--crops``: train / val from CamVid's own splits).
+- the same probe on the CamVid crops (``--crops``: train / val from CamVid's own splits);
+- with ``--finetune FT`` (``split.py --finetune 500``: 5,000 train images, the 10,000 test
+  images), the encoders of the longest runs (``--finetune-epochs``, default the longest
+  finished length) and random init (the first random seed) are fine-tuned with one fixed
+  recipe (``FINETUNE_ARGS``: the `cmae finetune` defaults, 10 epochs of batch 128, one warmup
+  epoch) and scored after the last epoch: nothing is chosen on the test split.
 
 Each command is skipped when its results.json exists (idempotent, resumable). Prints one JSON
 line per encoder and a markdown table (mean and standard error over seeds) at the end; a run's
@@ -31,6 +37,9 @@ from pathlib import Path
 from cmae.viz.plot import training_seconds
 
 PROBE_ARGS: list[str] = []  # --probe-args: extra `cmae linprobe` overrides
+FINETUNE_ARGS = [  # the recipe's defaults otherwise (AdamW, layer decay, RandAugment, mixup...)
+    "epochs=10", "warmup_epochs=1", "batch_size=128", "eval_every=5", "data.num_workers=1",
+]  # fmt: skip
 RUN_NAME = re.compile(r"(?P<method>cmae|mae)_e(?P<epochs>\d+)_s(?P<seed>\d+)$")
 
 
@@ -64,6 +73,13 @@ def evaluate(args: argparse.Namespace, name: str, encoder: list[str]) -> dict:
             "crops": cv["top1"], "crops_blr": cv["best_blr"]}  # fmt: skip
 
 
+def finetune(args: argparse.Namespace, name: str, encoder: list[str]) -> dict:
+    """The fine-tuning protocol's last-epoch top-1 on the test split."""
+    ft = cmae(args.py, ["finetune", *encoder, "--data", str(args.finetune), *FINETUNE_ARGS],
+              args.out / name / "finetune")  # fmt: skip
+    return {"finetune": ft["top1"]}
+
+
 def mean_se(values: list[float]) -> str:
     m = sum(values) / len(values)
     if len(values) < 2:
@@ -80,15 +96,16 @@ def table(rows: list[dict], walls: dict[str, float]) -> str:
         groups[key].append(r)
     lines = [
         "| encoder | epochs | seeds | kNN top-1 | linear top-1 | CamVid-crops linear | "
-        "training time (min) |",
-        "|---|---|---|---|---|---|---|",
+        "fine-tune top-1 | training time (min) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (method, epochs), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         wall = [walls[r["name"]] / 60 for r in rs if r["name"] in walls]
+        ft = [r["finetune"] for r in rs if "finetune" in r]
         lines.append(
             f"| {method} | {epochs or '-'} | {len(rs)} | {mean_se([r['knn'] for r in rs])} | "
             f"{mean_se([r['linear'] for r in rs])} | {mean_se([r['crops'] for r in rs])} | "
-            f"{mean_se(wall) if wall else '-'} |"
+            f"{f'{mean_se(ft)} ({len(ft)})' if ft else '-'} | {mean_se(wall) if wall else '-'} |"
         )
     return "\n".join(lines)
 
@@ -103,21 +120,31 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="run names to evaluate (default: all finished)")
     p.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1])
     p.add_argument("--probe-args", nargs="*", default=[], help="e.g. batch_size=256")
+    p.add_argument("--finetune", type=Path, help="split.py --finetune's output: fine-tune too")
+    p.add_argument("--finetune-epochs", type=int, help="the runs of this length (default: longest)")
     args = p.parse_args()
     PROBE_ARGS.extend(args.probe_args)
-    for a in ("cifar", "crops"):
-        setattr(args, a, getattr(args, a).expanduser())
+    for a in ("cifar", "crops", "finetune"):
+        if getattr(args, a) is not None:
+            setattr(args, a, getattr(args, a).expanduser())
 
     runs = sorted(d for d in args.runs.iterdir() if (d / "summary.json").is_file())
     runs = [d for d in runs if RUN_NAME.match(d.name) and (not args.only or d.name in args.only)]
+    longest = max((int(RUN_NAME.match(d.name)["epochs"]) for d in runs), default=0)
+    ft_epochs = args.finetune_epochs or longest
     rows, walls = [], {}
-    for seed in args.random_seeds:
+    for i, seed in enumerate(args.random_seeds):
         enc = ["--checkpoint", "random", "encoder.preset=tiny", f"seed={seed}"]
         rows.append(evaluate(args, f"random_s{seed}", enc))
+        if args.finetune and i == 0:
+            rows[-1].update(finetune(args, f"random_s{seed}", enc))
         print(json.dumps(rows[-1]), flush=True)
     for d in runs:
         walls[d.name] = training_seconds(d)  # all segments of a resumed run, monitor left out
-        rows.append(evaluate(args, d.name, ["--checkpoint", str(d / "encoder.safetensors")]))
+        enc = ["--checkpoint", str(d / "encoder.safetensors")]
+        rows.append(evaluate(args, d.name, enc))
+        if args.finetune and int(RUN_NAME.match(d.name)["epochs"]) == ft_epochs:
+            rows[-1].update(finetune(args, d.name, enc))
         print(json.dumps({**rows[-1], "training_s": round(walls[d.name], 1)}), flush=True)
     print(table(rows, walls))
 

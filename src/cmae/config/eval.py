@@ -90,6 +90,7 @@ class FinetuneConfig:
     cutmix: float = 1.0  # alpha; 0 = off
     smoothing: float = 0.1
     trainable_blocks: int | None = None  # partial fine-tuning: last k blocks + head; None = all
+    eval_every: int = 1  # epochs between evaluations on the held-out split; the last is always
     device: str = "auto"
     seed: int = 0
     out: str = "runs/finetune"
@@ -171,3 +172,5 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError(f"smoothing: must be in [0, 1), got {cfg.smoothing}")
     if cfg.trainable_blocks is not None and cfg.trainable_blocks < 0:
         raise ConfigError(f"trainable_blocks: must be >= 0, got {cfg.trainable_blocks}")
+    if cfg.eval_every <= 0:
+        raise ConfigError(f"eval_every: must be positive (epochs), got {cfg.eval_every}")
