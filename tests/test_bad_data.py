@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmae.cli import main
 from cmae.config import load_config
 from cmae.data import datasets as data
 from cmae.data.datasets import DataError, load_rgb
@@ -159,3 +160,36 @@ def test_unusable_data_paths_fail_before_training(tmp_path):
             pretrain_on(tmp_path / name, tmp_path / f"run_{name}")
         assert str(tmp_path / name) in str(e.value)
         assert not (tmp_path / f"run_{name}" / "log.jsonl").exists()  # no training step
+
+
+def finetune_on(root, out, max_bad: float) -> int:
+    args = ["finetune", "--checkpoint", "random", "--data", str(root), "--out", str(out)]
+    return main(
+        [
+            *args,
+            "encoder.preset=quick",
+            "data.num_workers=1",
+            "batch_size=6",
+            "epochs=2",
+            "warmup_epochs=1",
+            f"max_bad_fraction={max_bad}",
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_finetune_substitutes_and_counts_bad_train_images(tmp_path, small_bomb_limit, capsys):
+    root = tmp_path / "images"
+    good = write_convertible(root / "train" / "a")
+    write_convertible(root / "train" / "b")
+    broken = write_broken(root / "train" / "b")
+    write_convertible(root / "val" / "a")
+    write_convertible(root / "val" / "b")
+    assert finetune_on(root, tmp_path / "ft", 0.5) == 0
+    log = [json.loads(x) for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert (2 * len(good) + len(broken)) % 6 == 0  # an epoch reads every file once
+    assert [r["bad_images"] for r in log] == [len(broken), 2 * len(broken)]
+    # a flood: one line naming the key to raise
+    assert finetune_on(root, tmp_path / "ft2", 0.05) == 2
+    err = capsys.readouterr().err
+    assert "unreadable images" in err and "max_bad_fraction=0.05" in err

@@ -19,11 +19,11 @@ from cmae.config import (
     load_segment_config,
 )
 from cmae.data.datasets import DataError
-from cmae.eval import finetune, knn, linprobe
+from cmae.eval import knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.runtime.runlock import RunDirBusy
-from cmae.train import pretrain, segment
+from cmae.train import finetune, pretrain, segment
 from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files

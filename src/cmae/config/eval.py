@@ -91,6 +91,10 @@ class FinetuneConfig:
     smoothing: float = 0.1
     trainable_blocks: int | None = None  # partial fine-tuning: last k blocks + head; None = all
     eval_every: int = 1  # epochs between evaluations on the held-out split; the last is always
+    save_every: int = 1  # epochs between checkpoints (OUT/checkpoints/); a stop signal saves too
+    keep_last: int = 2  # periodic checkpoints kept
+    resume: str = "auto"  # auto (the newest checkpoint in OUT) | never | a checkpoint path
+    max_bad_fraction: float = 0.01  # unreadable train images per epoch (substituted) before failing
     device: str = "auto"
     seed: int = 0
     out: str = "runs/finetune"
@@ -174,3 +178,13 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError(f"trainable_blocks: must be >= 0, got {cfg.trainable_blocks}")
     if cfg.eval_every <= 0:
         raise ConfigError(f"eval_every: must be positive (epochs), got {cfg.eval_every}")
+    if cfg.save_every < 0:
+        raise ConfigError(
+            f"save_every: must be >= 0 (epochs; 0 = on a stop only), got {cfg.save_every}"
+        )
+    if not cfg.resume:
+        raise ConfigError("resume: expected auto, never or a checkpoint path, got ''")
+    if cfg.keep_last < 1:
+        raise ConfigError(f"keep_last: must be >= 1, got {cfg.keep_last}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise ConfigError(f"max_bad_fraction: must be in [0, 1], got {cfg.max_bad_fraction}")

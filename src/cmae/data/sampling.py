@@ -6,7 +6,9 @@
 - ``SeededSamples`` seeds torch's RNG per sample from (seed, epoch, index) before the
   augmentation (torchvision v2 draws from torch's RNG). The views do not depend on the number
   of workers, on which worker loads a sample, or on what the process did before, and the main
-  process's RNG (masking, drop-path) is left untouched.
+  process's RNG (masking, drop-path) is left untouched. With ``global_rngs=True`` Python's and
+  NumPy's global generators are seeded the same way (timm's RandomResizedCrop and RandAugment
+  draw from those: ``cmae finetune``), and restored after the sample.
 - An image that cannot be decoded (``DataError``) is replaced by another index drawn from the
   same seed, and the sample carries a flag that the main process sums into ``bad_images``
   (counts made inside worker processes would be lost).
@@ -14,8 +16,10 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -56,10 +60,11 @@ def sample_seed(seed: int, epoch: int, index: int, attempt: int = 0) -> int:
 class SeededSamples(Dataset):
     """``dataset`` indexed by ``(epoch, index)``: returns ``(*item, bad)`` where ``bad`` is 1 if
     the image at ``index`` could not be read and a substitute was returned. A plain ``index``
-    means epoch 0 (for code that indexes a data set directly, e.g. the reconstruction grid)."""
+    means epoch 0 (for code that indexes a data set directly, e.g. the reconstruction grid).
+    ``global_rngs``: also seed Python's ``random`` and NumPy's global generator per sample."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, seed: int, global_rngs: bool = False) -> None:
+        self.dataset, self.seed, self.global_rngs = dataset, seed, global_rngs
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -73,11 +78,12 @@ class SeededSamples(Dataset):
                 rng = np.random.default_rng(sample_seed(self.seed, epoch, index, attempt))
                 current = int(rng.integers(n))
             try:
-                with torch.random.fork_rng(devices=[]):
+                seed = sample_seed(self.seed, epoch, index)
+                with torch.random.fork_rng(devices=[]), global_rngs_seeded(seed, self.global_rngs):
                     # the CPU generator only, which the views draw from: torch.manual_seed
                     # would also reseed the accelerators' generators (not restored by
                     # fork_rng(devices=[])) and costs ~0.15 ms here
-                    torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+                    torch.default_generator.manual_seed(seed)
                     item = self.dataset[current]
                 return (*item, int(attempt > 0))
             except DataError as e:
@@ -90,13 +96,35 @@ class SeededSamples(Dataset):
         )
 
 
+@contextmanager
+def global_rngs_seeded(seed: int, on: bool = True) -> Iterator[None]:
+    """Python's ``random`` and NumPy's global generator seeded with ``seed`` inside, restored
+    after (nothing when ``on`` is False)."""
+    if not on:
+        yield
+        return
+    py, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)  # NumPy's legacy seed is 32-bit
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+
+
 class BadImages:
     """Running count of unreadable samples; more than ``max_fraction`` of an epoch is an error."""
 
     def __init__(
-        self, max_fraction: float, epoch_size: int, total: int = 0, in_epoch: int = 0
+        self,
+        max_fraction: float,
+        epoch_size: int,
+        total: int = 0,
+        in_epoch: int = 0,
+        key: str = "data.max_bad_fraction",
     ) -> None:
-        self.max_fraction, self.epoch_size = max_fraction, epoch_size
+        self.max_fraction, self.epoch_size, self.key = max_fraction, epoch_size, key
         self.total, self.in_epoch = total, in_epoch  # non-zero when resuming
 
     def new_epoch(self) -> None:
@@ -109,6 +137,6 @@ class BadImages:
         if self.in_epoch > self.max_fraction * self.epoch_size:
             raise DataError(
                 f"{self.in_epoch} unreadable images in this epoch of {self.epoch_size} from "
-                f"{where}: more than data.max_bad_fraction={self.max_fraction} (see the "
+                f"{where}: more than {self.key}={self.max_fraction} (see the "
                 "warnings above for the files and reasons)"
             )

@@ -1,37 +1,28 @@
-"""``cmae finetune``: end-to-end fine-tuning, the MAE / CMAE recipe (spec section 5).
+"""The fine-tuning recipe of MAE / CMAE (spec section 5), which ``cmae finetune``
+(``cmae.train.finetune``: the loop, checkpoints, resume) and ``cmae segment`` use.
 
 A timm ``VisionTransformer`` carries the pretrained encoder (same key names) with a global-pool
-+ fc_norm head (a ``ConvViTClassifier`` carries a ConvViT encoder, which timm cannot hold);
-AdamW with layer-wise lr decay, drop path, RandAugment, random erasing, mixup / cutmix, label
-smoothing, warmup + cosine per iteration; evaluated after every epoch.
-``trainable_blocks=k`` fine-tunes only the last k blocks and the head (partial fine-tuning).
++ fc_norm head (``cmae.interop.encoders.build_classifier``; a ``ConvViTClassifier`` carries a
+ConvViT encoder, which timm cannot hold). Here: the train view (RandomResizedCrop, flip,
+RandAugment), mixup / cutmix, AdamW groups with layer-wise lr decay, partial fine-tuning
+(``trainable_blocks=k``: the last k blocks and the head) and the top-1 / top-5 evaluation.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment
-from timm.data.random_erasing import RandomErasing
-from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from cmae.config import ConfigError, FinetuneConfig, to_dict
-from cmae.data.datasets import labelled_splits, loader_workers
-from cmae.data.views import eval_transform, normalize
-from cmae.eval.frozen import eval_normalization, topk_accuracy, write_results
-from cmae.interop.encoders import build_classifier, load_encoder_weights
+from cmae.data.views import normalize
+from cmae.eval.frozen import topk_accuracy
 from cmae.models.convvit import ConvViTClassifier
-from cmae.runtime.device import keep_freed_memory, resolve_device, seed_everything
-from cmae.runtime.optim import cosine_lr
 
 BETAS = (0.9, 0.999)
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop, timm / MAE default
@@ -164,44 +155,6 @@ def freeze_for_partial(
         module.requires_grad_(True)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    lr_at: Callable[[int], float],
-    step: int,
-    device: torch.device,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    eraser: RandomErasing | None,
-    mixup: Mixup | None,
-) -> tuple[int, float]:
-    """One epoch; lr set per iteration (times each group's layer-decay scale). Returns the
-    step count after it and the mean training loss."""
-    model.train()
-    total = torch.zeros((), device=device)
-    n = 0
-    for imgs, y in loader:
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        x = normalize(imgs.to(device, non_blocking=True), mean, std)
-        y = y.to(device, non_blocking=True)
-        if eraser is not None:
-            x = eraser(x)  # on normalised pixels, before mixing (timm's order)
-        if mixup is not None:
-            x, y = mixup(x, y)  # y: soft targets [B, C]
-        loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        n += 1
-        step += 1
-    return step, (total / max(n, 1)).item()  # .item(): one sync per epoch
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -219,95 +172,3 @@ def evaluate(
         labels.append(torch.as_tensor(y))
     top1, top5 = topk_accuracy(torch.cat(logits).float(), torch.cat(labels))
     return top1, top5
-
-
-def run(cfg: FinetuneConfig) -> dict:
-    d, out_dir = cfg.data, Path(cfg.out)
-    device = resolve_device(cfg.device)
-    keep_freed_memory()  # as pretraining: no page faults for each step's activations
-    seed_everything(cfg.seed)
-    weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
-    mean, std = eval_normalization(d.mean, d.std, weights)
-    train_set, val_set, classes = labelled_splits(
-        d.path,
-        train_transform(weights.img_size, cfg.rand_augment, mean, std),
-        eval_transform(weights.img_size, d.crop_pct),
-        d.synthetic(),
-    )
-    if cfg.batch_size > len(train_set):
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} is larger than the train split ({len(train_set)})"
-        )
-    workers = loader_workers(d.num_workers)
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,  # mixup pairs samples: the batch must stay even
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=workers)
-
-    model = build_classifier(weights, len(classes), cfg.encoder.pool, cfg.drop_path).to(device)
-    freeze_for_partial(model, cfg.trainable_blocks)
-    base_lr = cfg.blr * cfg.batch_size / 256
-    optimizer = torch.optim.AdamW(
-        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr, betas=BETAS
-    )
-    mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, len(classes))
-    criterion = (
-        SoftTargetCrossEntropy()
-        if mixup is not None
-        else nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    )
-    eraser = RandomErasing(cfg.reprob, mode="pixel", device=str(device)) if cfg.reprob > 0 else None
-    total_steps = cfg.epochs * len(loader)
-    warmup_steps = cfg.warmup_epochs * len(loader)
-
-    def lr_at(step: int) -> float:
-        return cosine_lr(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
-
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"cmae finetune: {weights.encoder} {weights.img_size}px, {n_train / 1e6:.2f}M trainable "
-        f"params, {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
-        f"{len(loader)} steps/epoch x {cfg.epochs} epochs, lr {base_lr:.3g}, device {device}"
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history = []
-    step = 0
-    with open(out_dir / "log.jsonl", "a") as log:
-        for epoch in tqdm(range(cfg.epochs), desc="finetune", dynamic_ncols=True):
-            step, loss = train_one_epoch(
-                model, loader, optimizer, criterion, lr_at, step, device, mean, std, eraser, mixup
-            )
-            rec = {"epoch": epoch, "step": step, "loss": loss}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                top1, top5 = evaluate(model, val_loader, device, mean, std)
-                rec.update(top1=top1, top5=top5)
-                history.append(rec)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-    best = max(history, key=lambda r: r["top1"])  # of the evaluated epochs
-    results = {
-        "top1": history[-1]["top1"],  # last epoch
-        "top5": history[-1]["top5"],
-        "best_top1": best["top1"],
-        "best_epoch": best["epoch"],
-        "final_loss": history[-1]["loss"],
-        "n_train": len(train_set),
-        "n_val": len(val_set),
-        "num_classes": len(classes),
-        "trainable_params": n_train,
-        "mean": mean,
-        "std": std,
-    }
-    write_results(out_dir, results, to_dict(cfg))
-    print(
-        f"cmae finetune: last top-1 {results['top1']:.2f}% (top-5 {results['top5']:.2f}%), best "
-        f"top-1 {best['top1']:.2f}% at epoch {best['epoch']}; wrote {out_dir / 'results.json'}"
-    )
-    return results

@@ -1,2 +1,3 @@
-"""The pretraining command and what only it needs: the loop (pretrain), resume, faults (non-finite
-steps, stop signals) and the contrastive-health monitor."""
+"""The commands that train a model and resume: pretrain (the CMAE / MAE loop), segment and
+finetune (end to end on a pretrained encoder), and what they share: resume, faults
+(non-finite steps, stop signals) and the contrastive-health monitor."""
