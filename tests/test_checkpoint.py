@@ -106,6 +106,9 @@ def test_resume_path_must_be_a_training_checkpoint(tmp_path):
         find_resume(str(tmp_path / "exported.pt"), tmp_path)
     with pytest.raises(CheckpointError, match="not found"):
         find_resume(str(tmp_path / "missing.pt"), tmp_path)
+    # finetune / segment name their own key and command
+    with pytest.raises(CheckpointError, match=r"^resume: .* of `cmae segment`$"):
+        find_resume(str(tmp_path / "exported.pt"), tmp_path, "cmae segment", "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import yaml
 
 from cmae.cli import main
 from cmae.config import load_config, to_dict
-from cmae.runtime.checkpoint import latest_checkpoint
+from cmae.runtime.checkpoint import latest_checkpoint, save_checkpoint
 from cmae.train.faults import EXIT_PREEMPTED, StopSignals
 from tests.conftest import tiny_overrides
 
@@ -117,3 +117,11 @@ def test_resume_into_another_model_is_refused(tmp_path, preset, reference, capsy
     assert main(args(out, preset, 0, f"resume={path}", "trainable_blocks=1")) == 2
     err = capsys.readouterr().err
     assert "trainable_blocks" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    # the message names finetune's own keys, not pretraining's
+    assert "use another out or resume=never" in err and "train." not in err
+    # a checkpoint that is not a training checkpoint (an exported model): a one-line exit 2
+    save_checkpoint({"model": {}, "config": {}}, tmp_path / "exported.pt")
+    assert main(args(out, preset, 0, f"resume={tmp_path / 'exported.pt'}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cmae finetune: error: resume: ") and len(err.splitlines()) == 1
+    assert "`cmae finetune`" in err and "train." not in err

@@ -20,10 +20,14 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from cmae.runtime.distributed import is_main, teardown_distributed
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, rerun to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -192,6 +196,21 @@ class StopSignals:
     @property
     def name(self) -> str:
         return self.received.name if self.received is not None else "a stop signal on another rank"
+
+    def stop_here(
+        self, saved: Path | None, step: int, unit: str = "step", resume_key: str = "resume"
+    ) -> NoReturn:
+        """Say where the run stopped (rank 0) and raise Preempted (``cmae`` exits 75). The
+        caller has saved the checkpoint ``saved`` (None: its save failed, or not rank 0) and
+        closed its outputs."""
+        if is_main():
+            where = f"saved {saved}" if saved else "its save failed (see above)"
+            print(
+                f"stopped by {self.name} at {unit} {step}; {where}. Run the same command again "
+                f"to resume ({resume_key}=auto)"
+            )
+        teardown_distributed()
+        raise Preempted(f"stopped by {self.name} at {unit} {step}", saved and str(saved))
 
 
 class WorkerStopSignals:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 from timm.data import Mixup
@@ -42,7 +42,7 @@ from cmae.runtime.device import keep_freed_memory, resolve_device, seed_everythi
 from cmae.runtime.distributed import build_sampler
 from cmae.runtime.optim import cosine_lr
 from cmae.runtime.runlock import lock_run_dir
-from cmae.train.faults import Preempted, StopSignals
+from cmae.train.faults import StopSignals
 from cmae.train.resume import find_resume, restore_training, training_state
 
 
@@ -260,11 +260,13 @@ def resume_point(
     device: torch.device,
 ) -> ResumePoint:
     """Load the checkpoint ``resume`` picks (auto: the newest in OUT/checkpoints) into the run."""
-    found = find_resume(setting, out_dir)
+    found = find_resume(setting, out_dir, "cmae finetune", "")
     if found is None:
         return ResumePoint(None, 0, [], (0, 0), (0.0, 0))
     path, state = found
-    step, bad = restore_training(path, state, model, optimizer, None, identity, 0, device)
+    step, bad = restore_training(
+        path, state, model, optimizer, None, identity, 0, device, prefix=""
+    )
     print(f"resuming from {path} at step {step}")
     loss_sum, n = state.get("epoch_loss", (0.0, 0))
     return ResumePoint(path, step, list(state.get("history", [])), bad, (float(loss_sum), int(n)))
@@ -277,17 +279,11 @@ def stopped(
     step: int,
     epoch: int | None,
     bar: tqdm,
-) -> None:
+) -> NoReturn:
     """Save ``state`` (``epoch``: the epochs it completes, when at an epoch's end) and raise
     Preempted (``cmae`` exits 75)."""
     bar.close()
-    path = checkpoints.save(state, step, epoch)
-    saved = f"saved {path}" if path else "its save failed (see above)"
-    print(
-        f"stopped by {stop.name} at step {step}; {saved}. Run the same command again to resume "
-        "(resume=auto)"
-    )
-    raise Preempted(f"stopped by {stop.name} at step {step}", path and str(path))
+    stop.stop_here(checkpoints.save(state, step, epoch), step)
 
 
 def finish(

@@ -51,7 +51,6 @@ from cmae.runtime.optim import cosine_lr, momentum_at, param_groups
 from cmae.runtime.runlock import lock_run_dir
 from cmae.train.faults import (
     BadSteps,
-    Preempted,
     StopSignals,
     grads_finite,
     keep_buffers_unless,
@@ -502,13 +501,7 @@ def stop_run(run: RunOutputs, state: dict, step: int, stop: StopSignals) -> NoRe
     if is_main():
         run.log_file.close()
         run.visuals.close()
-        saved = f"saved {path}" if path else "its save failed (see above)"
-        print(
-            f"stopped by {stop.name} at step {step}; {saved}. Run the same command "
-            "again to resume (train.resume=auto)"
-        )
-    teardown_distributed()
-    raise Preempted(f"stopped by {stop.name} at step {step}", path and str(path))
+    stop.stop_here(path, step, resume_key="train.resume")
 
 
 def knn_of(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) -> dict:

@@ -73,12 +73,16 @@ def restore_rng(states: list[dict[str, Any]], rank: int, device: torch.device) -
     return True
 
 
-def find_resume(resume: str, run_dir: str | Path) -> tuple[Path, dict] | None:
-    """``train.resume`` -> (checkpoint path, state) or None for a fresh start.
+def find_resume(
+    resume: str, run_dir: str | Path, command: str = "cmae pretrain", prefix: str = "train."
+) -> tuple[Path, dict] | None:
+    """The ``resume`` setting -> (checkpoint path, state) or None for a fresh start.
 
     ``never``: fresh. ``auto``: the newest valid checkpoint of ``run_dir`` (a corrupt one is
     reported and skipped), fresh if there is none. Else a path, which must load and be a
-    training checkpoint (not an exported or imported model).
+    training checkpoint (not an exported or imported model). ``command`` and ``prefix`` (of
+    the config keys: ``train.`` for pretraining, none for finetune / segment) name the
+    command's own setting in the error.
     """
     if resume == "never":
         return None
@@ -89,21 +93,23 @@ def find_resume(resume: str, run_dir: str | Path) -> tuple[Path, dict] | None:
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(
-            f"train.resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
-            "resume needs a RUN/checkpoints/*.pt or RUN/checkpoint.pt of `cmae pretrain`"
+            f"{prefix}resume: {path} is not a training checkpoint (no {', '.join(missing)}); "
+            f"resume needs a RUN/checkpoints/*.pt or RUN/checkpoint.pt of `{command}`"
         )
     return path, state
 
 
-def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+def check_same_model(
+    saved: dict[str, Any], current: dict[str, Any], path: Path, prefix: str = "train."
+) -> None:
     """The checkpoint's model config must equal this run's (a run directory reused for another
-    model would otherwise fail deep inside load_state_dict)."""
+    model would otherwise fail deep inside load_state_dict). ``prefix``: as in find_resume."""
     diff = sorted(k for k in current if saved.get(k) != current[k])
     if diff:
         keys = ", ".join(f"model.{k}" for k in diff)
         raise CheckpointError(
-            f"{path} was trained with a different model ({keys} differ); use another train.out "
-            "or train.resume=never"
+            f"{path} was trained with a different model ({keys} differ); use another "
+            f"{prefix}out or {prefix}resume=never"
         )
 
 
@@ -140,9 +146,10 @@ def restore_training(
     model_config: dict[str, Any],
     rank: int,
     device: torch.device,
+    prefix: str = "train.",
 ) -> tuple[int, tuple[int, int]]:
-    """Load ``state`` into the run; return (step, bad_images)."""
-    check_same_model(state["config"]["model"], model_config, path)
+    """Load ``state`` into the run; return (step, bad_images). ``prefix``: as in find_resume."""
+    check_same_model(state["config"]["model"], model_config, path, prefix)
     check_weights(path, state["model"], model.state_dict(), "this run's model")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from cmae.runtime.distributed import (
     world_size,
     wrap_model,
 )
-from cmae.train.faults import Preempted, StopSignals
+from cmae.train.faults import StopSignals
 from cmae.train.resume import find_resume, restore_training, training_state
 
 WARMUP_START = 1e-6  # the warmup's first lr factor (mmengine LinearLR start_factor)
@@ -348,10 +348,12 @@ def resume(
     device: torch.device,
 ) -> tuple[int, dict | None]:
     """(iteration, best evaluation so far) of the checkpoint ``resume`` picks, or (0, None)."""
-    found = find_resume(setting, out_dir)
+    found = find_resume(setting, out_dir, "cmae segment", "")
     if found is None:
         return 0, None
-    step, _ = restore_training(*found, model, optimizer, None, model_config, rank(), device)
+    step, _ = restore_training(
+        *found, model, optimizer, None, model_config, rank(), device, prefix=""
+    )
     if is_main():
         print(f"resuming from {found[0]} at iteration {step}")
     return step, found[1].get("best")
@@ -359,18 +361,11 @@ def resume(
 
 def preempt(
     stop: StopSignals, state: dict, checkpoints: RunCheckpoints, step: int, log: RunLog
-) -> None:
+) -> NoReturn:
     """Save ``state`` (rank 0), close the log and raise Preempted (``cmae`` exits 75)."""
     path = checkpoints.save(state, step) if is_main() else None
     log.close()
-    if is_main():
-        saved = f"saved {path}" if path else "its save failed (see above)"
-        print(
-            f"stopped by {stop.name} at iteration {step}; {saved}. Run the same command again "
-            "to resume (resume=auto)"
-        )
-    teardown_distributed()
-    raise Preempted(f"stopped by {stop.name} at iteration {step}", path and str(path))
+    stop.stop_here(path, step, unit="iteration")
 
 
 def finish(
