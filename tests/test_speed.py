@@ -14,10 +14,10 @@ def views(seed: int) -> list[torch.Tensor]:
     return [normalize(v, (0.5,) * 3, (0.25,) * 3) for v in raw]
 
 
-def train(model, fused: bool) -> list[float]:
+def train(model, fused: bool, steps: int = 3) -> list[float]:
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), fused=fused)
     losses = []
-    for step in range(3):
+    for step in range(steps):
         torch.manual_seed(step)  # the same masks in both runs
         losses.append(train_one_step(model, opt, views(step), 1e-3, 0.99).loss.item())
     return losses
@@ -42,11 +42,19 @@ def test_explicit_attention_kernel_trains_like_the_fused_one(tiny_model):
     # every transformer block of the encoder, the target encoder and both decoders
     assert n == sum(1 for m in explicit.modules() if type(m).__name__ == "Attention") > 0
     assert not any(getattr(m, "fused_attn", False) for m in explicit.modules())
-    a, b = train(fused, fused=True), train(explicit, fused=True)
-    assert a[0] == pytest.approx(b[0], rel=1e-5)  # same weights: only the kernels differ
-    # later steps: Adam turns rounding differences of near-zero gradients into +-lr steps
-    # (see above); check_loss.py's tolerance
-    assert a == pytest.approx(b, rel=1e-3)
+    # same weights, one step: only the kernels differ, so the loss and every weight matrix's
+    # gradient agree to float32 rounding. Later steps' losses are not compared: Adam turns the
+    # rounding differences of near-zero gradients into steps of +-lr (see above), by an amount
+    # that depends on the CPU's kernels (third loss: 0.19 % apart on an AMD EPYC host, under
+    # 0.1 % on an Intel one)
+    a, b = train(fused, fused=True, steps=1), train(explicit, fused=True, steps=1)
+    assert a == pytest.approx(b, rel=1e-5)
+    grads = 0
+    for (name, p), q in zip(fused.named_parameters(), explicit.parameters(), strict=True):
+        if p.ndim >= 2 and p.grad is not None:
+            assert (p.grad - q.grad).norm() <= 1e-4 * q.grad.norm() + 1e-8, name
+            grads += 1
+    assert grads > 0
     assert use_fused_attention("auto", torch.device("cpu")) is False
     assert use_fused_attention("auto", torch.device("cuda")) is True
     assert use_fused_attention("fused", torch.device("cpu")) is True
