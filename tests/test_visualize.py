@@ -190,7 +190,11 @@ def test_plot_several_runs_on_shared_axes(tmp_path, capsys):
     # wall: 10 images a step at 100 img/s -> 0.1 s a step; epoch: the monitor's epoch + 1
     assert [_x_of(recs, "wall", tmp_path / "cmae")(r) for r in knn] == pytest.approx([1.0, 2.0])
     assert [_x_of(recs, "epoch", tmp_path / "cmae")(r) for r in knn] == [2, 3]
-    assert _x_of(recs, "epoch", tmp_path / "cmae")(recs[0]) is None  # no kNN in that record
+    # a loss record sits at its step's fraction of the epochs (the first kNN: step 10, epoch 2)
+    assert _x_of(recs, "epoch", tmp_path / "cmae")(recs[0]) == pytest.approx(0.2)
+    assert _x_of(recs, "epoch", tmp_path / "cmae")(knn[0]) == 2
+    no_knn = [r for r in recs if "knn_top1" not in r]  # nothing tells the steps per epoch
+    assert _x_of(no_knn, "epoch", tmp_path / "cmae")(no_knn[0]) is None
     # an interval spanning the monitor (its rate lowered by the monitor's time in older logs)
     # is timed at the rate before it: the wall axis is training time
     slow = [dict(r, img_per_s=5.0) if r.get("step") == 11 and "loss" in r else r for r in recs]

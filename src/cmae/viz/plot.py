@@ -125,8 +125,8 @@ def plot_runs(
 ) -> Path:
     """Several runs on shared axes (kNN top-1, total loss, contrastive loss), one line per run,
     to compare e.g. MAE and CMAE over training length. ``x_axis``: ``step``, ``epoch`` (the
-    kNN monitor's epoch + 1) or ``wall`` (seconds, from the logged img/s and batch sizes,
-    for equal-wall-time comparisons)."""
+    kNN monitor's epoch + 1; a loss at its step's fraction of the epochs) or ``wall``
+    (seconds, from the logged img/s and batch sizes, for equal-wall-time comparisons)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -149,7 +149,7 @@ def plot_runs(
         ("loss", "total loss"),
         ("loss_contrast", "contrastive loss"),
     )
-    for run, name in zip(runs, names, strict=True):
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         records = read_log(run)
         to_x = _x_of(records, x_axis, run)
         for ax, (key, _) in zip(axes, panels, strict=True):
@@ -157,7 +157,8 @@ def plot_runs(
             pts = [p for p in pts if p[0] is not None]
             if pts and not (key == "loss_contrast" and all(v == 0 for _, v in pts)):
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, label=name, marker="o" if key == "knn_top1" else None)
+                marker = "o" if key == "knn_top1" else None  # one colour per run in all panels
+                ax.plot(xs, ys, label=name, color=f"C{i % 10}", marker=marker)
     for ax, (_, title) in zip(axes, panels, strict=True):
         ax.set_title(title)
         ax.set_xlabel({"step": "step", "epoch": "epoch", "wall": "training time (s)"}[x_axis])
@@ -189,7 +190,17 @@ def _x_of(records: list[dict[str, Any]], x_axis: str, run: Path):
     if x_axis == "step":
         return lambda r: r.get("step")
     if x_axis == "epoch":
-        return lambda r: r["epoch"] + 1 if "knn_top1" in r else None
+        # the monitor logs the epoch it ran after; a loss record sits at step / steps-per-epoch,
+        # read from the first monitor record (none: the losses have no epoch axis)
+        first = next((r for r in records if "knn_top1" in r and _number(r.get("step"))), None)
+        per_epoch = first["step"] / (first["epoch"] + 1) if first else None
+
+        def epoch_of(r):
+            if "knn_top1" in r:
+                return r["epoch"] + 1
+            return r["step"] / per_epoch if per_epoch and _number(r.get("step")) else None
+
+        return epoch_of
     cfg_file = run / "config.yaml"
     batch = (
         yaml.safe_load(cfg_file.read_text())["train"]["batch_size"] if cfg_file.is_file() else None
