@@ -158,15 +158,16 @@ def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
 
 def seg_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype | None, kind: str):
     """(step function, description) of one `cmae segment` training step of ``preset``."""
-    from cmae.eval.finetune import layer_decay_groups
-    from cmae.interop.encoders import load_encoder_weights
-    from cmae.models.upernet import build_segmentor
+    from cmae.interop.encoders import load_encoder_weights, segmentor_for
+    from cmae.runtime.optim import layer_decay_groups
     from cmae.train.segment import seg_loss
 
     crop = SEG_PRESETS[preset][1]
     torch.manual_seed(0)
     weights = load_encoder_weights("random", "vit_base")
-    model = build_segmentor(weights, 150, crop, 768, 256, drop_path=0.1).to(device)
+    model = segmentor_for(
+        weights, 150, crop, channels=768, aux_channels=256, drop_path=0.1
+    ).to(device)
     kwargs = {"fused": True} if kind == "fused" else {"foreach": kind == "foreach"}
     opt = torch.optim.AdamW(
         layer_decay_groups(model, 0.05, 0.65), lr=1e-4, betas=(0.9, 0.999), **kwargs
@@ -218,7 +219,9 @@ def bench(args: argparse.Namespace, preset: str, method: str, batch: int) -> dic
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     def step(module: torch.nn.Module) -> None:
-        train_one_step(model, opt, views, 1e-4, 0.996, module, amp=dtype, scaler=scaler)
+        train_one_step(
+            model, opt, views, lr=1e-4, momentum=0.996, wrapped=module, amp=dtype, scaler=scaler
+        )
 
     ratio, block = cfg.model.resolved_mask()
     info = {

@@ -48,7 +48,7 @@ def run(method: str, args: argparse.Namespace) -> dict:
     for _ in range(args.steps):
         views = [torch.randn(args.batch, 3, s, s, generator=g) for _ in range(2)]
         views = views[:1] if method == "mae" else views
-        out = train_one_step(model, opt, views, 1e-3, 0.99, wrapped)
+        out = train_one_step(model, opt, views, lr=1e-3, momentum=0.99, wrapped=wrapped)
         losses.append([out.loss.item(), out.loss_pixel.item(), out.loss_contrast.item()])
     checksum = sum(p.double().abs().sum().item() for p in model.parameters())
     return {"mode": method, "losses": losses, "param_abs_sum": checksum}

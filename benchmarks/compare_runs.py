@@ -1,9 +1,11 @@
-"""Are two ``cmae pretrain`` runs the same program's output? Bitwise, not approximately.
+"""Are two runs of a training command (``cmae pretrain``, ``finetune``, ``segment``, ...) the
+same program's output? Bitwise, not approximately.
 
-``python benchmarks/compare_runs.py RUN_A RUN_B`` compares the loss values of every log.jsonl
-record (loss, loss_pixel, loss_contrast, by step) and every tensor of checkpoint.pt (model,
-optimizer state, RNG states: any tensor anywhere in the file). Prints one JSON line and exits
-1 on any difference. Times (img_per_s) and paths are not compared.
+``python benchmarks/compare_runs.py RUN_A RUN_B`` compares the values of every log.jsonl record
+(the losses and the evaluations' metrics: every key of ``VALUES`` a record holds, by step; a
+resumed run's later record of a step replaces its earlier one) and every tensor of
+checkpoint.pt (model, optimizer state, RNG states: any tensor anywhere in the file). Prints one
+JSON line and exits 1 on any difference. Times (img_per_s) and paths are not compared.
 """
 
 from __future__ import annotations
@@ -16,15 +18,29 @@ from typing import Any
 
 import torch
 
-LOSSES = ("loss", "loss_pixel", "loss_contrast")
+# pretrain: the losses, kNN; finetune: epoch loss, accuracies; segment: losses, metrics
+VALUES = (
+    "loss",
+    "loss_pixel",
+    "loss_contrast",
+    "loss_aux",
+    "knn_top1",
+    "top1",
+    "top5",
+    "mIoU",
+    "mAcc",
+    "aAcc",
+)
 
 
-def losses(run: Path) -> dict[int, tuple[float, ...]]:
+def losses(run: Path) -> dict[tuple[int, str], tuple]:
+    """(step, the record's value keys) -> the values, of every record with one of ``VALUES``."""
     out = {}
     for line in (run / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = tuple(rec[k] for k in LOSSES)
+        keys = tuple(k for k in VALUES if k in rec)
+        if keys:
+            out[rec["step"], ",".join(keys)] = tuple(rec[k] for k in keys)
     return out
 
 
@@ -48,6 +64,7 @@ def main() -> int:
     args = p.parse_args()
     la, lb = losses(args.run_a), losses(args.run_b)
     loss_diff = sorted(s for s in la.keys() | lb.keys() if la.get(s) != lb.get(s))
+    loss_diff = [f"{step}:{keys}" for step, keys in loss_diff]
     load = lambda run: torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     ta, tb = tensors(load(args.run_a)), tensors(load(args.run_b))
     missing = sorted(ta.keys() ^ tb.keys())

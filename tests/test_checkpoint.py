@@ -23,8 +23,8 @@ from cmae.runtime.checkpoint import (
     save_checkpoint,
     save_encoder,
 )
+from cmae.runtime.resume import RESUME_KEYS, find_resume
 from cmae.train.pretrain import run
-from cmae.train.resume import RESUME_KEYS, find_resume
 from tests.conftest import tiny_overrides
 
 

@@ -10,13 +10,14 @@ import torch
 from cmae import load_encoder
 from cmae.cli import main
 from cmae.config import ConfigError, load_config
-from cmae.eval.finetune import freeze_for_partial, layer_decay_groups
+from cmae.eval.finetune import freeze_for_partial
 from cmae.interop.encoders import EncoderWeights, build_classifier, load_encoder_weights
 from cmae.interop.export import FORMAT_CONVVIT, export_encoder, export_timm, safetensors_metadata
 from cmae.models import convvit
 from cmae.models.cmae import build_encoder, build_model, unpatchify
 from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier, upsample_mask
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.optim import layer_decay_groups
 from tests.conftest import tiny_overrides
 
 CONVVIT = {"model.encoder": "convvit_tiny"}

@@ -86,7 +86,9 @@ def one_step(method: str, rows: slice, accum_steps: int = 1) -> dict:
     views, masks = global_batch()
     views = [v[rows] for v in views]
     with fixed_masks(masks, rows.start):
-        out = train_one_step(model, opt, views, LR, MOMENTUM, wrapped, accum_steps)
+        out = train_one_step(
+            model, opt, views, lr=LR, momentum=MOMENTUM, wrapped=wrapped, accum_steps=accum_steps
+        )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return {"loss": out.loss, "loss_contrast": out.loss_contrast, "state": state}
 
@@ -238,7 +240,9 @@ def test_amp_switch_changes_numerics_and_fp16_uses_a_scaler(tiny_model):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
         scaler = torch.amp.GradScaler("cpu") if amp is torch.float16 else None
         with fixed_masks(masks, 0):
-            out = train_one_step(model, opt, views, LR, MOMENTUM, amp=amp, scaler=scaler)
+            out = train_one_step(
+                model, opt, views, lr=LR, momentum=MOMENTUM, amp=amp, scaler=scaler
+            )
         assert out.loss.dtype == torch.float32  # losses reduce in fp32 under autocast
         losses[amp] = out.loss.item()
         if scaler is not None:
@@ -323,6 +327,6 @@ def test_torchrun_two_processes_checkpoint_continues_in_one_process(tmp_path):
     opt.load_state_dict(state["optimizer"])
     before = model.encoder.blocks[0].attn.qkv.weight.clone()
     views = [torch.randn(8, 3, 16, 16) for _ in range(2)]
-    out1 = train_one_step(model.train(), opt, views, 1e-3, cfg.train.momentum)
+    out1 = train_one_step(model.train(), opt, views, lr=1e-3, momentum=cfg.train.momentum)
     assert torch.isfinite(out1.loss)
     assert not torch.equal(before, model.encoder.blocks[0].attn.qkv.weight)

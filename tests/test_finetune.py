@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cmae.eval.finetune import build_mixup, freeze_for_partial, layer_decay_groups, train_transform
+from cmae.eval.finetune import build_mixup, freeze_for_partial, train_transform
 from cmae.interop.encoders import EncoderWeights, build_timm_vit, build_vit_encoder
 from cmae.models.cmae import build_encoder
+from cmae.runtime.optim import layer_decay_groups
 
 
 @pytest.fixture

@@ -33,18 +33,18 @@ from tests.test_group_signal import SignalGroupOnRead
 
 # the evaluation's loader signals the group from its worker
 if sys.argv[1] == "monitor":
-    real_knn = pretrain.knn_of
+    real_knn = pretrain.evaluate_knn
 
-    def knn_of(cfg, data, encoder, device):
+    def evaluate_knn(cfg, data, encoder, device):
         data = data._replace(bank_set=SignalGroupOnRead(data.bank_set))
         return real_knn(cfg, data, encoder, device)
 
-    pretrain.knn_of = knn_of
+    pretrain.evaluate_knn = evaluate_knn
 if sys.argv[1] == "segment":
     real_eval = segment.evaluate
 
-    def evaluate(model, val_set, *args):
-        return real_eval(model, SignalGroupOnRead(val_set), *args)
+    def evaluate(model, val_set, *args, **kwargs):
+        return real_eval(model, SignalGroupOnRead(val_set), *args, **kwargs)
 
     segment.evaluate = evaluate
 sys.exit(cli.main(sys.argv[2:]))

@@ -10,8 +10,8 @@ from cmae.config import ConfigError, load_config
 from cmae.data.views import normalize
 from cmae.models.cmae import CMAE
 from cmae.runtime.checkpoint import load_checkpoint, nonfinite_tensors, periodic_checkpoints
+from cmae.runtime.faults import BadSteps, NonFiniteError
 from cmae.runtime.optim import param_groups
-from cmae.train.faults import BadSteps, NonFiniteError
 from cmae.train.pretrain import run, train_one_step
 from tests.conftest import tiny_overrides
 
@@ -45,7 +45,7 @@ def test_nan_loss_skips_update_ema_and_batchnorm_stats(tiny_model, kind):
     amp = torch.float16 if kind == "fp16-scaler" else None
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp else None
     bad = BadSteps(torch.device("cpu"))
-    train_one_step(model, opt, batch(0), 1e-3, 0.9, amp=amp, scaler=scaler, bad_steps=bad)
+    train_one_step(model, opt, batch(0), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad)
     before = snapshot(model, opt)
 
     forward = model.forward
@@ -55,13 +55,13 @@ def test_nan_loss_skips_update_ema_and_batchnorm_stats(tiny_model, kind):
         return out._replace(loss=out.loss + float("nan"))
 
     model.forward = nan_forward
-    out = train_one_step(model, opt, batch(1), 1e-3, 0.9, amp=amp, scaler=scaler, bad_steps=bad)
+    out = train_one_step(model, opt, batch(1), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad)
     assert out.loss.isnan()
     assert equal(snapshot(model, opt), before), "a skipped step changed the state"
     assert (bad.run.item(), bad.total.item()) == (1, 1)
 
     del model.forward
-    train_one_step(model, opt, batch(2), 1e-3, 0.9, amp=amp, scaler=scaler, bad_steps=bad)
+    train_one_step(model, opt, batch(2), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad)
     after = snapshot(model, opt)
     assert not equal(after["model"], before["model"]), "a good step must train again"
     assert bad.run.item() == 0 and bad.check(max_bad=3, step=3) == 1
@@ -151,7 +151,7 @@ def test_step_leaving_non_finite_weights_is_a_bad_step(tiny_model):
             weight[0, 0] = float("inf")
 
     opt.step = overflowing_step
-    out = train_one_step(model, opt, batch(0), 1e-3, 0.9, bad_steps=bad)
+    out = train_one_step(model, opt, batch(0), lr=1e-3, momentum=0.9, bad_steps=bad)
     assert torch.isfinite(out.loss)
     assert bad.total.item() == 1, "not counted as a bad step"
     with pytest.raises(NonFiniteError, match="weights became non-finite.*up to step 1"):
@@ -164,7 +164,7 @@ def test_non_finite_lr_or_momentum_is_refused_before_the_step(tiny_model, lr, mo
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="non-finite lr"):
-        train_one_step(model, opt, batch(0), lr, momentum)
+        train_one_step(model, opt, batch(0), lr=lr, momentum=momentum)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

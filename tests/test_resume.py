@@ -16,8 +16,8 @@ from cmae.data.datasets import SyntheticShapes
 from cmae.data.sampling import EpochSampler, SeededSamples
 from cmae.data.views import PixelShiftViews
 from cmae.runtime.checkpoint import load_checkpoint
-from cmae.train.faults import EXIT_PREEMPTED
-from cmae.train.resume import rng_state, set_deterministic, set_rng_state
+from cmae.runtime.faults import EXIT_PREEMPTED
+from cmae.runtime.resume import rng_state, set_deterministic, set_rng_state
 from tests.conftest import tiny_overrides
 
 # 32 images / batch 8 = 4 steps per epoch x 3 epochs; checkpoints every 3 steps and at epoch
@@ -190,7 +190,7 @@ def test_deterministic_flag_switches_torch_to_deterministic_kernels():
 def test_sigterm_in_process_saves_raises_preempted_and_restores_handlers(tmp_path, monkeypatch):
     from cmae.config import load_config
     from cmae.models.cmae import CMAE
-    from cmae.train.faults import Preempted
+    from cmae.runtime.faults import Preempted
     from cmae.train.pretrain import run
 
     calls = {"n": 0}
@@ -215,7 +215,7 @@ def test_sigterm_in_process_saves_raises_preempted_and_restores_handlers(tmp_pat
 def _stop_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from cmae.train.faults import StopSignals
+    from cmae.runtime.faults import StopSignals
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"

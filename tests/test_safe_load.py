@@ -11,7 +11,7 @@ import torch
 
 from cmae.config import ConfigError, load_config
 from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, periodic_name, save_checkpoint
-from cmae.train.resume import find_resume
+from cmae.runtime.resume import find_resume
 
 
 class Exploit:

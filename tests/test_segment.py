@@ -20,7 +20,6 @@ from cmae.data.segmentation import (
     reduce_zero_label,
     segmentation_splits,
 )
-from cmae.eval.finetune import layer_decay_groups
 from cmae.eval.segment import (
     confusion_matrix,
     evaluate,
@@ -28,15 +27,20 @@ from cmae.eval.segment import (
     seg_metrics,
     slide_logits,
 )
-from cmae.interop.encoders import EncoderWeights, load_encoder_weights
+from cmae.interop.encoders import (
+    EncoderWeights,
+    load_encoder_weights,
+    load_pyramid,
+    segmentor_for,
+)
 from cmae.models.upernet import (
     ViTPyramid,
-    build_segmentor,
     default_out_indices,
     resample_pos_embed,
 )
 from cmae.models.vit import ViTEncoder
-from cmae.train.segment import lr_at, seg_loss
+from cmae.runtime.optim import layer_decay_groups, poly_lr
+from cmae.train.segment import seg_loss
 
 # a 4-block ViT of width 32 (patch 4): the smallest encoder with 4 pyramid taps
 DIM, DEPTH, HEADS = 32, 4, 2
@@ -54,7 +58,7 @@ def small_weights(img_size=16, patch=4, seed=0):
 
 def small_segmentor(weights, crop=32, **kw):
     """UperNet (5 classes, narrow heads) on the width-32 ViT, no drop path."""
-    return build_segmentor(weights, 5, crop, 16, 8, drop_path=0.0, **kw)
+    return segmentor_for(weights, 5, crop, channels=16, aux_channels=8, drop_path=0.0, **kw)
 
 
 def test_vit_pyramid_levels_and_strides():
@@ -73,7 +77,7 @@ def test_vit_pyramid_levels_and_strides():
 
 def test_convvit_pyramid_levels_and_strides():
     weights = load_encoder_weights("random", "convvit_tiny")  # patch 4 at 32 px
-    model = build_segmentor(weights, 3, 32, channels=8, aux_channels=4)
+    model = segmentor_for(weights, 3, 32, channels=8, aux_channels=4)
     feats = model.backbone(torch.randn(1, 3, 32, 32))
     s = model.backbone.strides
     assert s == (1, 2, 4, 8)
@@ -86,7 +90,7 @@ def test_convvit_pyramid_levels_and_strides():
 def test_position_embedding_exact_at_the_trained_grid():
     enc, weights = small_weights(img_size=32)
     backbone = ViTPyramid(DIM, DEPTH, HEADS, 4, 32, drop_path=0.0)
-    backbone.load(weights)
+    load_pyramid(backbone, weights)
     assert torch.equal(backbone.pos_embed.data, enc.pos_embed.data)
     same = resample_pos_embed(enc.pos_embed, (8, 8))
     assert same is enc.pos_embed
@@ -102,7 +106,7 @@ def test_position_embedding_exact_at_the_trained_grid():
     assert torch.equal(level3, tokens[:, 1:].transpose(1, 2).reshape(2, DIM, 8, 8))
     # another crop: resampled once, to the crop's grid
     big = ViTPyramid(DIM, DEPTH, HEADS, 4, 64, drop_path=0.0)
-    big.load(weights)
+    load_pyramid(big, weights)
     assert big.pos_embed.shape == (1, 1 + 16 * 16, DIM)
     assert torch.equal(big.pos_embed[:, :1], enc.pos_embed[:, :1])  # the cls position kept
 
@@ -110,9 +114,9 @@ def test_position_embedding_exact_at_the_trained_grid():
 def test_rel_pos_bias_and_layer_scale_start_as_the_plain_encoder():
     _, weights = small_weights(img_size=32)
     plain = ViTPyramid(DIM, DEPTH, HEADS, 4, 32, drop_path=0.0)
-    plain.load(weights)
+    load_pyramid(plain, weights)
     extra = ViTPyramid(DIM, DEPTH, HEADS, 4, 32, drop_path=0.0, rel_pos_bias=True, layer_scale=1.0)
-    extra.load(weights)
+    load_pyramid(extra, weights)
     extra.fpn1.load_state_dict(plain.fpn1.state_dict())
     extra.fpn2.load_state_dict(plain.fpn2.state_dict())
     x = torch.randn(1, 3, 32, 32)
@@ -168,7 +172,7 @@ def test_layer_decay_groups_cover_every_parameter_once():
         if weights.encoder.startswith("vit"):
             model = small_segmentor(weights, crop=32, rel_pos_bias=True, layer_scale=1.0)
         else:
-            model = build_segmentor(weights, 3, 32, channels=8, aux_channels=4)
+            model = segmentor_for(weights, 3, 32, channels=8, aux_channels=4)
         groups = layer_decay_groups(model, 0.05, 0.65)
         ids = [id(p) for g in groups for p in g["params"]]
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -184,7 +188,7 @@ def test_layer_decay_groups_cover_every_parameter_once():
 
 def test_lr_schedule_warmup_then_poly():
     def lr(step, power=1.0):
-        return lr_at(step, 1e-3, 10, 100, power, 0.0)
+        return poly_lr(step, 1e-3, 10, 100, power, 0.0)
 
     assert lr(0) == pytest.approx(1e-9)
     assert lr(10) == pytest.approx(1e-3)
@@ -343,7 +347,7 @@ def test_short_run_on_generated_data_learns(tmp_path):
     cfg = load_segment_config(None, [*SMALL])
     weights = load_encoder_weights("random", "quick")
     torch.manual_seed(0)
-    fresh = build_segmentor(weights, 11, 32, 16, 8)
+    fresh = segmentor_for(weights, 11, 32, channels=16, aux_channels=8)
     _, val, classes = segmentation_splits(None, None, False, cfg.data.synthetic())
     conf = evaluate(
         fresh, SegValSet(val, (64, 32), res["mean"], res["std"]), 32, 21, "cpu", None, 0
@@ -410,7 +414,7 @@ def test_torchrun_two_ranks_reduce_one_confusion_matrix(tmp_path):
 
 
 def test_stop_signal_saves_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
-    from cmae.train.faults import EXIT_PREEMPTED, StopSignals
+    from cmae.runtime.faults import EXIT_PREEMPTED, StopSignals
 
     args = ["segment", "--checkpoint", "random", "--out", str(tmp_path / "run"), *SMALL]
     args += ["iters=3", "warmup_iters=1", "eval_every=0", "data.vis_images=0"]

@@ -19,7 +19,7 @@ def train(model, fused: bool, steps: int = 3) -> list[float]:
     losses = []
     for step in range(steps):
         torch.manual_seed(step)  # the same masks in both runs
-        losses.append(train_one_step(model, opt, views(step), 1e-3, 0.99).loss.item())
+        losses.append(train_one_step(model, opt, views(step), lr=1e-3, momentum=0.99).loss.item())
     return losses
 
 

@@ -22,9 +22,9 @@ from cmae.data.datasets import DataError
 from cmae.eval import knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.runtime.runlock import RunDirBusy
 from cmae.train import finetune, pretrain, segment
-from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 

@@ -17,13 +17,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cmae.errors import ConfigError
+
 PRESET_DIR = Path(__file__).parents[1] / "configs"  # cmae/configs: presets found by name
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names the key."""
 
 
 def preset_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "") -> Path:

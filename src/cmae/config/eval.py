@@ -93,6 +93,7 @@ class FinetuneConfig:
     eval_every: int = 1  # epochs between evaluations on the held-out split; the last is always
     save_every: int = 1  # epochs between checkpoints (OUT/checkpoints/); a stop signal saves too
     keep_last: int = 2  # periodic checkpoints kept
+    max_bad_steps: int = 20  # consecutive non-finite steps (each skipped) that stop the run
     resume: str = "auto"  # auto (the newest checkpoint in OUT) | never | a checkpoint path
     max_bad_fraction: float = 0.01  # unreadable train images per epoch (substituted) before failing
     device: str = "auto"
@@ -186,5 +187,7 @@ def validate_eval(cfg: EvalConfig) -> None:
         raise ConfigError("resume: expected auto, never or a checkpoint path, got ''")
     if cfg.keep_last < 1:
         raise ConfigError(f"keep_last: must be >= 1, got {cfg.keep_last}")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"max_bad_steps: must be >= 1, got {cfg.max_bad_steps}")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         raise ConfigError(f"max_bad_fraction: must be in [0, 1], got {cfg.max_bad_fraction}")

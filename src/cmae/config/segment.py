@@ -91,6 +91,7 @@ class SegmentConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     save_every: int = 100
     keep_last: int = 2
+    max_bad_steps: int = 20  # consecutive non-finite steps (each skipped) that stop the run
     device: str = "auto"
     seed: int = 0
     out: str = "runs/segment"
@@ -166,6 +167,8 @@ def validate_segment(cfg: SegmentConfig) -> None:
             raise ConfigError(f"{key}: must be >= 0 (0 = off), got {getattr(cfg, key)}")
     if cfg.log_every <= 0 or cfg.keep_last < 1:
         raise ConfigError("log_every / keep_last: must be >= 1")
+    if cfg.max_bad_steps < 1:
+        raise ConfigError(f"max_bad_steps: must be >= 1, got {cfg.max_bad_steps}")
     if cfg.amp not in ("auto", "bf16", "none"):
         raise ConfigError(f"amp: expected auto, bf16 or none, got {cfg.amp!r}")
     if cfg.threads is not None and cfg.threads <= 0:

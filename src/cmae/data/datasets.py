@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from cmae.errors import DataError
+
 try:  # deprecated since torchvision 0.29 (TorchCodec takes over); without it, PIL decodes all
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - a torchvision that has dropped it
@@ -46,10 +48,6 @@ SHAPE_CLASSES = (
     "checker",
     "dots",
 )
-
-
-class DataError(ValueError):
-    """The data path or its content is unusable; the message names the path."""
 
 
 # ---------------------------------------------------------------------------------------------

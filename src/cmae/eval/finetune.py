@@ -4,8 +4,9 @@
 A timm ``VisionTransformer`` carries the pretrained encoder (same key names) with a global-pool
 + fc_norm head (``cmae.interop.encoders.build_classifier``; a ``ConvViTClassifier`` carries a
 ConvViT encoder, which timm cannot hold). Here: the train view (RandomResizedCrop, flip,
-RandAugment), mixup / cutmix, AdamW groups with layer-wise lr decay, partial fine-tuning
-(``trainable_blocks=k``: the last k blocks and the head) and the top-1 / top-5 evaluation.
+RandAugment), mixup / cutmix, partial fine-tuning
+(``trainable_blocks=k``: the last k blocks and the head) and the top-1 / top-5 evaluation. The
+AdamW groups with layer-wise lr decay are ``cmae.runtime.optim.layer_decay_groups``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -102,41 +102,6 @@ def build_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int)
         label_smoothing=smoothing,
         num_classes=num_classes,
     )
-
-
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``: patch embed,
-    cls token and pos-embed are layer 0, block i is layer i + 1, norm and head depth + 1. No
-    weight decay on 1-D parameters and ``no_weight_decay()``; frozen parameters left out.
-    A ConvViT has ``depth + 4`` layers (``ConvViTClassifier.layer_id``: stage 1, stage 2, the
-    stage-3 embedding, each transformer block, head), the same rule otherwise; so does any model
-    with ``num_layers`` / ``layer_id(name)`` / ``no_weight_decay()`` (``cmae segment``'s UperNet:
-    its pyramid and heads are the top layer)."""
-    if isinstance(model, ConvViTClassifier) or hasattr(model, "layer_id"):
-        return _groups_by_layer(model, weight_decay, layer_decay)
-    return param_groups_layer_decay(
-        model, weight_decay, model.no_weight_decay(), layer_decay=layer_decay
-    )
-
-
-def _groups_by_layer(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    top = model.num_layers - 1
-    skip = model.no_weight_decay()
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, decay = model.layer_id(name), p.ndim > 1 and name not in skip
-        group = groups.setdefault(
-            (layer, decay),
-            {
-                "lr_scale": layer_decay ** (top - layer),
-                "weight_decay": weight_decay if decay else 0.0,
-                "params": [],
-            },
-        )
-        group["params"].append(p)
-    return list(groups.values())
 
 
 def freeze_for_partial(

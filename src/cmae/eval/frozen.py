@@ -20,7 +20,7 @@ from cmae.config import IMAGENET_MEAN, IMAGENET_STD
 from cmae.data.datasets import labelled_splits
 from cmae.data.views import eval_transform, normalize
 from cmae.interop.encoders import EncoderWeights, load_encoder_weights
-from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_text
 
 
 @torch.no_grad()
@@ -157,10 +157,10 @@ def eval_normalization(
 
 
 def write_results(out_dir: Path, results: dict, config: dict) -> None:
-    """OUT/results.json (metrics + resolved config) and OUT/config.yaml (reusable --config)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (out_dir / "results.json").write_text(json.dumps({**results, "config": config}, indent=2))
+    """OUT/results.json (metrics + resolved config) and OUT/config.yaml (reusable --config),
+    each written atomically (whole or not at all)."""
+    save_text(out_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    save_text(out_dir / "results.json", json.dumps({**results, "config": config}, indent=2))
 
 
 class FrozenSetup(NamedTuple):

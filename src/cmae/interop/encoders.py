@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from cmae.config import ConfigError, ModelConfig, compose, load_config, to_dict
 from cmae.models.cmae import build_encoder, make_encoder
 from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
-from cmae.models.vit import ENCODER_SIZES, ViTEncoder, vit_size
+from cmae.models.upernet import (
+    ConvViTPyramid,
+    UperNet,
+    ViTPyramid,
+    build_segmentor,
+    resample_pos_embed,
+)
+from cmae.models.vit import ENCODER_SIZES, ViTEncoder, sincos_pos_embed, vit_size
 from cmae.runtime.checkpoint import CheckpointError, check_weights, load_checkpoint
 
 
@@ -274,3 +281,45 @@ def build_classifier(
     if weights.encoder in CONVVIT_SIZES:
         return build_convvit_classifier(weights, num_classes, pool, drop_path)
     return build_timm_vit(weights, num_classes, pool, drop_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation backbones (cmae.models.upernet)
+
+
+def load_pyramid(backbone: ViTPyramid | ConvViTPyramid, weights: EncoderWeights) -> None:
+    """The pretrained encoder ``weights`` into a segmentation backbone.
+
+    ViT (timm names): the position embedding resampled (bicubic, timm) from the pretraining grid
+    to the crop's, bit-exact when the grids agree; only layer scale, the relative position
+    tables and the pyramid convolutions stay fresh, only the final norm is left out. ConvViT:
+    its own names, strict; the fixed sin-cos embedding recomputed for the crop's grid."""
+    state = dict(weights.state)
+    if isinstance(backbone, ConvViTPyramid):
+        pe = backbone.encoder.pos_embed
+        state["pos_embed"] = sincos_pos_embed(pe.shape[-1], backbone.encoder.grid)[None].to(
+            pe.dtype
+        )
+        try:
+            backbone.encoder.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"weights do not fit a {weights.encoder}: {e}") from e
+        return
+    state["pos_embed"] = resample_pos_embed(state["pos_embed"], backbone.grid)
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    fresh = [k for k in missing if not k.endswith((".gamma", "relative_position_bias_table"))]
+    fresh = [k for k in fresh if not k.startswith("fpn")]
+    extra = [k for k in unexpected if k not in ("norm.weight", "norm.bias")]
+    if fresh or extra:
+        raise CheckpointError(
+            f"encoder weights do not fit a {weights.encoder} backbone: missing {fresh}, "
+            f"unexpected {extra}"
+        )
+
+
+def segmentor_for(weights: EncoderWeights, num_classes: int, crop_size: int, **kwargs) -> UperNet:
+    """UperNet (``cmae.models.upernet.build_segmentor``, its ``kwargs``) on the pretrained
+    encoder ``weights`` for ``crop_size`` inputs."""
+    model = build_segmentor(weights.encoder, weights.patch_size, num_classes, crop_size, **kwargs)
+    load_pyramid(model.backbone, weights)  # draws no random numbers: the heads' init is as built
+    return model

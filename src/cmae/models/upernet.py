@@ -12,13 +12,15 @@ both: ``rel_pos_bias=true``, ``layer_scale=1.0``). ConvViT: its native stage map
 Heads: UperNet (pyramid pooling 1, 2, 3, 6 on the coarsest level + FPN fusion of all four) and
 an FCN auxiliary head on level 3 (1/16), each Conv-BN-ReLU with dropout 0.1 before the 1x1
 classifier, as mmsegmentation's ``UPerHead`` / ``FCNHead``.
+
+This file builds the model with fresh weights; the pretrained encoder's weights are loaded by
+``cmae.interop.encoders.load_pyramid`` (``segmentor_for`` does both).
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,6 @@ from torch import Tensor, nn
 
 from cmae.models.convvit import CONVVIT_SIZES, ConvViT, convvit_layer_id
 from cmae.models.vit import sincos_pos_embed, vit_size
-from cmae.runtime.checkpoint import CheckpointError
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -95,7 +96,7 @@ class RelPosAttention(nn.Module):
 
 class ViTPyramid(nn.Module):
     """A ViT encoder as a 4-level feature pyramid (see the module doc); timm parameter names,
-    so pretrained ``EncoderWeights`` load with key checks."""
+    so pretrained encoder weights load with key checks (``cmae.interop.encoders.load_pyramid``)."""
 
     def __init__(
         self,
@@ -122,7 +123,7 @@ class ViTPyramid(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # trainable here (the reference's segmentation backbone learns it), initialised from
-        # the pretrained one (``load``)
+        # the pretrained one (``load_pyramid``)
         self.pos_embed = nn.Parameter(
             sincos_pos_embed(embed_dim, self.grid[0])[None].clone(), requires_grad=True
         )
@@ -158,22 +159,6 @@ class ViTPyramid(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
-
-    def load(self, weights: Any) -> None:
-        """Pretrained weights (timm names); the position embedding resampled (bicubic, timm)
-        from the pretraining grid to the crop's, bit-exact when the grids agree. Only layer scale
-        and the relative position tables are fresh; only the final norm is left out."""
-        state = dict(weights.state)
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], self.grid)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        fresh = [k for k in missing if not k.endswith((".gamma", "relative_position_bias_table"))]
-        fresh = [k for k in fresh if not k.startswith("fpn")]
-        extra = [k for k in unexpected if k not in ("norm.weight", "norm.bias")]
-        if fresh or extra:
-            raise CheckpointError(
-                f"encoder weights do not fit a {weights.encoder} backbone: missing {fresh}, "
-                f"unexpected {extra}"
-            )
 
     def no_weight_decay(self) -> set[str]:
         names = {"pos_embed", "cls_token"}
@@ -238,16 +223,6 @@ class ConvViTPyramid(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.encoder.blocks)
-
-    def load(self, weights: Any) -> None:
-        state = dict(weights.state)
-        # the fixed sin-cos embedding, recomputed for the crop's grid
-        pe = self.encoder.pos_embed
-        state["pos_embed"] = sincos_pos_embed(pe.shape[-1], self.encoder.grid)[None].to(pe.dtype)
-        try:
-            self.encoder.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"weights do not fit a {weights.encoder}: {e}") from e
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -388,7 +363,8 @@ class UperNet(nn.Module):
 
 
 def build_segmentor(
-    weights: Any,
+    encoder: str,
+    patch_size: int,
     num_classes: int,
     crop_size: int,
     channels: int = 768,
@@ -400,27 +376,27 @@ def build_segmentor(
     rel_pos_bias: bool = False,
     layer_scale: float | None = None,
 ) -> UperNet:
-    """UperNet on the encoder ``weights`` (``cmae.interop.encoders.EncoderWeights``: any ViT
-    size, preset or ``vit_{W}x{D}h{H}``, or a ConvViT) for ``crop_size`` inputs."""
-    if weights.encoder in CONVVIT_SIZES:
+    """UperNet on a fresh ``encoder`` (any ViT size, preset or ``vit_{W}x{D}h{H}``, or a
+    ConvViT) of ``patch_size`` for ``crop_size`` inputs."""
+    if encoder in CONVVIT_SIZES:
         if rel_pos_bias or layer_scale is not None or out_indices is not None:
             raise ValueError(
                 "model.rel_pos_bias / layer_scale / out_indices: for ViT encoders only (a ConvViT "
                 "gives its stage maps)"
             )
         backbone: ViTPyramid | ConvViTPyramid = ConvViTPyramid(
-            weights.encoder, weights.patch_size, crop_size, drop_path
+            encoder, patch_size, crop_size, drop_path
         )
     else:
-        size = vit_size(weights.encoder)
+        size = vit_size(encoder)
         if size is None:
-            raise ValueError(f"unknown encoder {weights.encoder!r}")
+            raise ValueError(f"unknown encoder {encoder!r}")
         dim, depth, heads = size
         backbone = ViTPyramid(
             dim,
             depth,
             heads,
-            weights.patch_size,
+            patch_size,
             crop_size,
             out_indices,
             drop_path,
@@ -428,7 +404,6 @@ def build_segmentor(
             layer_scale,
         )
     model = UperNet(backbone, num_classes, channels, aux_channels, pool_scales, dropout)
-    backbone.load(weights)
     # the pyramid and head convolutions keep PyTorch's init; the classifiers N(0, 0.01), as
     # mmsegmentation's decode heads
     for head in (model.decode_head, model.auxiliary_head):

@@ -21,13 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt or unsafe; the message names the file."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A file could not be written (disk full, quota, I/O error); the older files are intact."""
+from cmae.errors import CheckpointError, CheckpointWriteError
 
 
 def _atomic_write(path: Path, write) -> None:

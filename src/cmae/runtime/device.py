@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from cmae.config import ConfigError
+from cmae.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

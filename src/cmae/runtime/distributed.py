@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from cmae.config import ConfigError
+from cmae.errors import ConfigError
 
 
 def is_distributed() -> bool:

@@ -1,12 +1,17 @@
-"""Optimizer parameter groups and the per-iteration schedules (spec section 5)."""
+"""Optimizer parameter groups and the per-iteration schedules of every training command: the
+pretraining groups and cosine schedule (spec section 5), the layer-wise lr decay groups of
+fine-tuning and segmentation, segmentation's warmup + poly schedule, the EMA momentum."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+from timm.optim import param_groups_layer_decay
 from torch import nn
 
 WD_EXEMPT = ("reference", "1d")
+WARMUP_START = 1e-6  # poly_lr's first warmup factor (mmengine LinearLR start_factor)
 
 
 def param_groups(model: nn.Module, weight_decay: float, exempt: str = "reference") -> list[dict]:
@@ -55,3 +60,55 @@ def cosine_lr(
 def momentum_at(step: int, total_steps: int, base: float, end: float) -> float:
     """m(k) = end - (end - base) * (cos(pi k / K) + 1) / 2; constant when end == base."""
     return end - (end - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
+
+
+def poly_lr(
+    step: int, base_lr: float, warmup_steps: int, total_steps: int, power: float, min_lr: float
+) -> float:
+    """Linear warmup from base_lr x 1e-6 over ``warmup_steps``, then poly(``power``) decay to
+    ``min_lr`` at ``total_steps`` (mmsegmentation's LinearLR + PolyLR, per iteration)."""
+    if step < warmup_steps:
+        return base_lr * (WARMUP_START + (1 - WARMUP_START) * step / warmup_steps)
+    frac = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return (base_lr - min_lr) * (1 - frac) ** power + min_lr
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``: patch embed,
+    cls token and pos-embed are layer 0, block i is layer i + 1, norm and head depth + 1. No
+    weight decay on 1-D parameters and ``no_weight_decay()``; frozen parameters left out.
+    A model with ``num_layers`` / ``layer_id(name)`` / ``no_weight_decay()`` gives its own
+    layers: a ConvViT classifier (``depth + 4``: stage 1, stage 2, the stage-3 embedding, each
+    transformer block, head), ``cmae segment``'s UperNet (its pyramid and heads on top); a timm
+    ``VisionTransformer`` is grouped by timm."""
+    if hasattr(model, "layer_id"):
+        return _groups_by_layer(model, weight_decay, layer_decay)
+    return param_groups_layer_decay(
+        model, weight_decay, model.no_weight_decay(), layer_decay=layer_decay
+    )
+
+
+def _groups_by_layer(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    top = model.num_layers - 1
+    skip = model.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decay = model.layer_id(name), p.ndim > 1 and name not in skip
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "lr_scale": layer_decay ** (top - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+                "params": [],
+            },
+        )
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: ``lr`` times its ``lr_scale`` (layer decay; 1 where it has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,21 +1,22 @@
-"""``cmae pretrain``: CMAE / MAE pretraining, one process or many under torchrun (DDP)."""
+"""``cmae pretrain``: CMAE / MAE pretraining, one process or many under torchrun (DDP).
+
+The step (``train_one_step``), the epoch-end monitor (kNN, pictures) and the end-of-run outputs
+(encoder, kNN against a random init, summary) are this command's; the run's lifecycle (lock,
+stop signals, checkpoints, resume, non-finite steps, log, progress) is ``cmae.train.lifecycle``'s.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import yaml
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from cmae.config import Config, ConfigError, TrainConfig, to_dict
 from cmae.data.datasets import DataError, InMemory, build_datasets, loader_workers
@@ -27,14 +28,7 @@ from cmae.interop.export import encoder_format
 from cmae.models.cmae import CMAE, CMAEOutput, build_encoder, build_model
 from cmae.models.losses import gather_keys
 from cmae.models.vit import set_fused_attention, use_fused_attention
-from cmae.runtime.checkpoint import (
-    RunCheckpoints,
-    RunLog,
-    remove_stale_temps,
-    save_encoder,
-    save_text,
-    warn,
-)
+from cmae.runtime.checkpoint import save_encoder, save_text, warn
 from cmae.runtime.device import keep_freed_memory, resolve_amp, resolve_device, seed_everything
 from cmae.runtime.distributed import (
     build_sampler,
@@ -43,23 +37,21 @@ from cmae.runtime.distributed import (
     no_sync,
     rank,
     setup_distributed,
-    teardown_distributed,
     world_size,
     wrap_model,
 )
-from cmae.runtime.optim import cosine_lr, momentum_at, param_groups
-from cmae.runtime.runlock import lock_run_dir
-from cmae.train.faults import (
+from cmae.runtime.faults import (
     BadSteps,
-    StopSignals,
     grads_finite,
     keep_buffers_unless,
     poison_nonfinite,
     step_unless_bad,
     weights_finite,
 )
+from cmae.runtime.optim import cosine_lr, momentum_at, param_groups, set_lr
+from cmae.runtime.resume import set_deterministic, training_state
+from cmae.train.lifecycle import TrainingJob
 from cmae.train.monitor import contrastive_health
-from cmae.train.resume import find_resume, restore_training, set_deterministic, training_state
 from cmae.viz.plot import LOSSES, read_log, write_summary
 from cmae.viz.visualize import RunVisuals
 
@@ -68,6 +60,7 @@ def train_one_step(
     model: CMAE,
     optimizer: torch.optim.Optimizer,
     views: list[torch.Tensor],
+    *,
     lr: float,
     momentum: float,
     wrapped: torch.nn.Module | None = None,
@@ -85,13 +78,12 @@ def train_one_step(
     per micro-batch). The returned losses are the micro-batch mean.
 
     A step with a non-finite loss or gradient is skipped on the device (no host sync): no
-    update, no EMA, BatchNorm statistics kept; ``bad_steps`` counts it (cmae.train.faults).
+    update, no EMA, BatchNorm statistics kept; ``bad_steps`` counts it (cmae.runtime.faults).
     """
     wrapped = model if wrapped is None else wrapped
     if not (math.isfinite(lr) and math.isfinite(momentum)):  # host floats: free to check
         raise ConfigError(f"non-finite lr {lr} or EMA momentum {momentum} (check train.*)")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     buffers = list(model.buffers())
     before = [b.clone() for b in buffers]  # BatchNorm statistics, put back if the step is bad
@@ -139,10 +131,16 @@ def train_one_step(
 
 
 def run(cfg: Config) -> dict:
-    # SIGTERM / SIGUSR1: finish the step, save, raise Preempted (`cmae pretrain` exits 75);
-    # one run per directory: a second one is refused, naming the first (cmae.runtime.runlock)
-    with lock_run_dir(cfg.train.out), StopSignals() as stop:
-        return train(cfg, stop)
+    t = cfg.train
+    with TrainingJob(
+        t.out,
+        "cmae pretrain",
+        key_prefix="train.",
+        keep_last=t.keep_last,
+        keep_every_epochs=t.keep_every_epochs,
+        max_bad_steps=t.max_bad_steps,
+    ) as job:
+        return train(cfg, job)
 
 
 class Data(NamedTuple):
@@ -158,7 +156,7 @@ class Data(NamedTuple):
     device_views: DeviceViews | None  # None: the data workers resize the crops
 
 
-class Trainee(NamedTuple):
+class Learner(NamedTuple):
     """The model and what steps it."""
 
     model: CMAE
@@ -176,88 +174,21 @@ class Plan(NamedTuple):
     last_step: int  # where this run stops (train.max_steps or the end)
 
 
-class Resumed(NamedTuple):
-    step: int
-    bad_counts: tuple[int, int]  # unreadable images: run total, this epoch
-    path: str | None
-
-
-@dataclass
-class RunOutputs:
-    """What the run writes as it goes (rank 0; the other ranks hold no log file)."""
-
-    out_dir: Path
-    visuals: RunVisuals
-    checkpoints: RunCheckpoints
-    log_file: RunLog | None
-    bar: tqdm
-    batch_size: int  # global: img_per_s
-    start: float
-    start_step: int  # after a resume, the summary's speed counts the steps trained since
-    tick: float
-    tick_step: int
-
-    def write(self, rec: dict) -> None:
-        self.log_file.write(rec)
-        self.visuals.log(rec)
-
-    def log_step(
-        self,
-        step: int,
-        epoch: int,
-        out: CMAEOutput,
-        lr: float,
-        momentum: float,
-        bad_images: int,
-        skipped: int,
-    ) -> None:
-        # .item() is a host-device sync point: only on logging steps
-        now = time.perf_counter()
-        rec = {
-            "step": step,
-            "epoch": epoch,
-            "loss": out.loss.item(),
-            "loss_pixel": out.loss_pixel.item(),
-            "loss_contrast": out.loss_contrast.item(),
-            "lr": lr,
-            "momentum": momentum,
-            "img_per_s": (step - self.tick_step) * self.batch_size / (now - self.tick),
-            "bad_images": bad_images,  # unreadable files replaced, run total
-            "skipped_steps": skipped,  # non-finite steps since the last record
-        }
-        if out.q is not None:  # contrastive health: pos_cos, neg_cos, key_std
-            rec.update(contrastive_health(out.q, out.k))
-        self.tick, self.tick_step = now, step
-        self.write(rec)
-        self.bar.set_postfix(
-            loss=f"{rec['loss']:.4f}",
-            pix=f"{rec['loss_pixel']:.4f}",
-            con=f"{rec['loss_contrast']:.4f}",
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# setup: each step returns what the loop needs, in the order the random streams depend on
-
-
-def setup_process(cfg: Config) -> tuple[torch.device, Path]:
+def setup_process(cfg: Config) -> torch.device:
     """Join the process group (under torchrun; only rank 0 prints and writes files), set
     threads, allocator, determinism and seeds."""
     t = cfg.train
     device = setup_distributed(resolve_device(t.device))
-    out_dir = Path(t.out)
-    if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     keep_freed_memory()
     set_deterministic(t.deterministic)
     seed_everything(t.seed)
-    return device, out_dir
+    return device
 
 
 def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int], None]) -> Data:
-    """``worker_init_fn``: ``StopSignals.worker_init_fn`` (the workers ignore stop signals
+    """``worker_init_fn``: ``TrainingJob.worker_init_fn`` (the workers ignore stop signals
     until the run ends)."""
     t, d = cfg.train, cfg.data
     train_set, bank_set, query_set = build_datasets(
@@ -296,7 +227,7 @@ def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int]
     )
 
 
-def build_trainee(cfg: Config, device: torch.device) -> Trainee:
+def build_learner(cfg: Config, device: torch.device) -> Learner:
     t = cfg.train
     model = build_model(cfg.model).to(device)
     set_fused_attention(model, use_fused_attention(t.attention, device))
@@ -307,11 +238,11 @@ def build_trainee(cfg: Config, device: torch.device) -> Trainee:
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     base_lr = t.lr if t.lr is not None else t.blr * t.batch_size / 256  # global batch
     # fused: one kernel for all parameters, on CPU too (faster than the per-parameter loop,
-    # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.train.faults)
+    # docs/PERFORMANCE.md), and it reads the skip-step flag on the device (cmae.runtime.faults)
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay, t.wd_exempt), lr=base_lr, betas=t.betas, fused=True
     )
-    return Trainee(model, wrapped, optimizer, scaler, amp, base_lr)
+    return Learner(model, wrapped, optimizer, scaler, amp, base_lr)
 
 
 def plan_steps(t: TrainConfig, steps_per_epoch: int) -> Plan:
@@ -320,16 +251,16 @@ def plan_steps(t: TrainConfig, steps_per_epoch: int) -> Plan:
     return Plan(steps_per_epoch, total_steps, int(t.warmup_epochs * steps_per_epoch), last_step)
 
 
-def announce(cfg: Config, data: Data, net: Trainee, plan: Plan, device: torch.device) -> None:
+def announce(cfg: Config, data: Data, learner: Learner, plan: Plan, device: torch.device) -> None:
     if not is_main():
         return
     m, t = cfg.model, cfg.train
-    n_params = sum(p.numel() for p in net.model.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in learner.model.parameters() if p.requires_grad)
     print(
         f"cmae pretrain: {m.method} {m.encoder} {m.img_size}px, "
         f"{n_params / 1e6:.2f}M trainable params, {len(data.train_set)} images, "
-        f"{plan.steps_per_epoch} steps/epoch x {t.epochs} epochs, lr {net.base_lr:.3g}, "
-        f"device {device} x {world_size()} process(es), amp {net.amp}, out {t.out}"
+        f"{plan.steps_per_epoch} steps/epoch x {t.epochs} epochs, lr {learner.base_lr:.3g}, "
+        f"device {device} x {world_size()} process(es), amp {learner.amp}, out {t.out}"
     )
     if t.knn_every and data.bank_set is None:
         print("train.knn_every: the data has no labelled held-out split, kNN monitor off")
@@ -343,75 +274,41 @@ def open_visuals(cfg: Config, data: Data, out_dir: Path) -> RunVisuals:
     )
 
 
-def resume_training(cfg: Config, net: Trainee, out_dir: Path, device: torch.device) -> Resumed:
-    """Model, optimizer, scaler, step (-> schedules, sampler position) and RNG states of the
-    checkpoint ``train.resume`` names (auto: the newest valid one in the run directory)."""
-    if is_main():
-        remove_stale_temps(out_dir)
-    found = find_resume(cfg.train.resume, out_dir)
-    if found is None:
-        return Resumed(0, (0, 0), None)
-    model_cfg = to_dict(cfg)["model"]
-    step, bad_counts = restore_training(
-        *found, net.model, net.optimizer, net.scaler, model_cfg, rank(), device
-    )
-    if is_main():
-        print(f"resuming from {found[0]} at step {step}")
-    return Resumed(step, bad_counts, str(found[0]))
-
-
-def open_outputs(
-    cfg: Config, out_dir: Path, visuals: RunVisuals, resumed: Resumed, plan: Plan
-) -> RunOutputs:
-    t = cfg.train
-    if is_main():  # only now: a refused run (another model, already trained) leaves it as is
-        save_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log_file = RunLog(out_dir / "log.jsonl") if is_main() else None  # appended on resume
-    if is_main() and resumed.step:
-        log_file.write({"step": resumed.step, "resumed_from": resumed.path})
-    start = time.perf_counter()
-    bar = tqdm(
-        total=plan.last_step,
-        initial=resumed.step,
-        desc="pretrain",
-        dynamic_ncols=True,
-        disable=not is_main(),
-    )
-    checkpoints = RunCheckpoints(out_dir, t.keep_last, t.keep_every_epochs)
-    return RunOutputs(
-        out_dir,
-        visuals,
-        checkpoints,
-        log_file,
-        bar,
-        t.batch_size,
-        start,
-        resumed.step,
-        start,
-        resumed.step,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 
-def train(cfg: Config, stop: StopSignals) -> dict:
+def train(cfg: Config, job: TrainingJob) -> dict:
     t, d = cfg.train, cfg.data
-    device, out_dir = setup_process(cfg)
-    data = build_data(cfg, device, stop.worker_init_fn)
-    net = build_trainee(cfg, device)
+    device = setup_process(cfg)
+    data = build_data(cfg, device, job.worker_init_fn)
+    learner = build_learner(cfg, device)
+    model = learner.model
     plan = plan_steps(t, len(data.loader))
-    announce(cfg, data, net, plan, device)
-    visuals = open_visuals(cfg, data, out_dir)
-    resumed = resume_training(cfg, net, out_dir, device)
-    if resumed.step >= plan.last_step:
-        return already_trained(cfg, data, net.model, resumed.step, visuals, device)
-    run = open_outputs(cfg, out_dir, visuals, resumed, plan)
-    bad_steps = BadSteps(device)
-    bad_images = BadImages(d.max_bad_fraction, len(data.sampler), *resumed.bad_counts)
+    announce(cfg, data, learner, plan, device)
+    visuals = job.closing(open_visuals(cfg, data, job.out_dir))
+    model_config = to_dict(cfg)["model"]
+    resumed = job.resume(t.resume, model, learner.optimizer, learner.scaler, model_config, device)
+    if job.already_trained(resumed.step, plan.last_step):
+        return outputs_of_trained_run(cfg, job, data, model, resumed.step, device)
+    job.begin(
+        to_dict(cfg),
+        total=plan.last_step,
+        initial=resumed.step,
+        batch_size=t.batch_size,
+        device=device,
+        resumed_from=resumed.path,
+    )
+    bad_images = BadImages(d.max_bad_fraction, len(data.sampler), *resumed.bad_images)
     step = resumed.step
-    net.model.train()
+
+    def snapshot() -> dict:  # every rank: their RNG states are gathered
+        counts = (bad_images.total, bad_images.in_epoch)
+        return training_state(
+            model, learner.optimizer, learner.scaler, step, epoch, to_dict(cfg), counts, device
+        )
+
+    model.train()
     for epoch in range(step // plan.steps_per_epoch, t.epochs):
         done = max(0, step - epoch * plan.steps_per_epoch)  # batches trained before the resume
         # a new shuffle every epoch, the same on all ranks; skips the done batches unloaded
@@ -421,69 +318,78 @@ def train(cfg: Config, stop: StopSignals) -> dict:
         for views, _, bad in data.loader:
             bad_images.add(bad, d.path or "the built-in data")
             views = to_device(views, device, d.mean, d.std, data.device_color, data.device_views)
-            lr = cosine_lr(step, plan.total_steps, plan.warmup_steps, net.base_lr, t.min_lr)
+            lr = cosine_lr(step, plan.total_steps, plan.warmup_steps, learner.base_lr, t.min_lr)
             momentum = momentum_at(step, plan.total_steps, t.momentum, t.momentum_end)
             out = train_one_step(
-                net.model,
-                net.optimizer,
+                model,
+                learner.optimizer,
                 views,
-                lr,
-                momentum,
-                net.wrapped,
-                t.accum_steps,
-                net.amp,
-                net.scaler,
-                bad_steps,
+                lr=lr,
+                momentum=momentum,
+                wrapped=learner.wrapped,
+                accum_steps=t.accum_steps,
+                amp=learner.amp,
+                scaler=learner.scaler,
+                bad_steps=job.bad_steps,
             )
             step += 1
-            run.bar.update(1)
+            job.advance()
             if step % t.log_every == 0 or step == plan.last_step:
                 # every rank; reads the device counters (a sync) at log steps only
-                skipped = bad_steps.check(t.max_bad_steps, step)
+                skipped = job.check_bad_steps(step)
                 if is_main():
-                    run.log_step(step, epoch, out, lr, momentum, bad_images.total, skipped)
+                    record = step_record(job, out, step=step, epoch=epoch, lr=lr)
+                    record.update(momentum=momentum, bad_images=bad_images.total)
+                    record["skipped_steps"] = skipped  # non-finite steps since the last record
+                    log(job, visuals, record, out)
             # every rank, every step, so all stop at the same one; the last step just finishes
-            if step < plan.last_step and stop.requested():
-                state = snapshot(cfg, net, step, epoch, bad_images, device)
-                stop_run(run, state, step, stop)
+            if step < plan.last_step and job.stop_requested():
+                job.stop(snapshot(), step)
             every_steps = t.save_every_steps and step % t.save_every_steps == 0
             if every_steps and step % plan.steps_per_epoch and step < plan.last_step:
-                save_periodic(run, snapshot(cfg, net, step, epoch, bad_images, device), step)
+                job.save(snapshot(), step)
             if step >= plan.last_step:
                 break
-        monitor_epoch(cfg, run, data, net.model, step, epoch, device)
+        monitor_epoch(cfg, job, visuals, data, model, step=step, epoch=epoch, device=device)
         if epoch_save_due(t, plan, step, epoch):
-            state = snapshot(cfg, net, step, epoch, bad_images, device)
-            save_periodic(run, state, step, epoch + 1)
+            job.save(snapshot(), step, epoch + 1)
         if step >= plan.last_step:
             break
-    run.bar.close()
-    state = snapshot(cfg, net, step, epoch, bad_images, device)
+    state = snapshot()
     if not is_main():  # rank 0 alone writes the checkpoint, summary and kNN results
-        teardown_distributed()
         return {}
-    return finish(cfg, run, data, net.model, state, out, step, epoch, device)
+    return finish(cfg, job, visuals, data, model, state, out, step=step, epoch=epoch, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
-# what the loop calls: checkpoints, stopping, the epoch-end monitor, the end of the run
+# what the loop calls: the log, the epoch-end monitor, the end of the run
 
 
-def snapshot(
-    cfg: Config, net: Trainee, step: int, epoch: int, bad_images: BadImages, device: torch.device
-) -> dict:
-    """The training state now; every rank calls it (their RNG states are gathered)."""
-    counts = (bad_images.total, bad_images.in_epoch)
-    return training_state(
-        net.model, net.optimizer, net.scaler, step, epoch, to_dict(cfg), counts, device
-    )
+def step_record(job: TrainingJob, out: CMAEOutput, *, step: int, epoch: int, lr: float) -> dict:
+    """A logging step's record: losses (.item(): a host-device sync point, so only on logging
+    steps), contrastive health, speed."""
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": out.loss.item(),
+        "loss_pixel": out.loss_pixel.item(),
+        "loss_contrast": out.loss_contrast.item(),
+        "lr": lr,
+        "img_per_s": job.img_per_s(step),
+    }
+    if out.q is not None:  # contrastive health: pos_cos, neg_cos, key_std
+        record.update(contrastive_health(out.q, out.k))
+    return record
 
 
-def save_periodic(
-    run: RunOutputs, state: dict, step: int, epoch_end: int | None = None
-) -> Path | None:
-    """A periodic checkpoint in OUT/checkpoints/, written by rank 0."""
-    return run.checkpoints.save(state, step, epoch_end) if is_main() else None
+def log(job: TrainingJob, visuals: RunVisuals, record: dict, out: CMAEOutput | None) -> None:
+    """log.jsonl, TensorBoard and the progress bar (rank 0)."""
+    if out is None:
+        job.log(record)
+    else:
+        pix, con = record["loss_pixel"], record["loss_contrast"]
+        job.log(record, loss=record["loss"], pix=pix, con=con)
+    visuals.log(record)
 
 
 def epoch_save_due(t: TrainConfig, plan: Plan, step: int, epoch: int) -> bool:
@@ -494,17 +400,8 @@ def epoch_save_due(t: TrainConfig, plan: Plan, step: int, epoch: int) -> bool:
     return bool(epoch_done and (every_epochs or every_steps) and step < plan.last_step)
 
 
-def stop_run(run: RunOutputs, state: dict, step: int, stop: StopSignals) -> NoReturn:
-    """Save, close the outputs and raise Preempted (`cmae pretrain` exits 75)."""
-    path = save_periodic(run, state, step)
-    run.bar.close()
-    if is_main():
-        run.log_file.close()
-        run.visuals.close()
-    stop.stop_here(path, step, resume_key="train.resume")
-
-
-def knn_of(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) -> dict:
+def evaluate_knn(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) -> dict:
+    """Weighted kNN of ``encoder``'s features: the labelled held-out split against the bank."""
     d, t = cfg.data, cfg.train
     return knn_eval(
         encoder,
@@ -527,49 +424,45 @@ def knn_of(cfg: Config, data: Data, encoder: nn.Module, device: torch.device) ->
 
 def monitor_epoch(
     cfg: Config,
-    run: RunOutputs,
+    job: TrainingJob,
+    visuals: RunVisuals,
     data: Data,
     model: CMAE,
+    *,
     step: int,
     epoch: int,
     device: torch.device,
 ) -> None:
-    """Rank 0, at an epoch's end: the kNN monitor (train.knn_every) and the pictures."""
+    """Rank 0, at an epoch's end: the kNN monitor (train.knn_every) and the pictures; their
+    time is kept out of the logged speed."""
     if not is_main():
         return
-    t, start = cfg.train, time.perf_counter()
-    if t.knn_every and (epoch + 1) % t.knn_every == 0 and data.bank_set is not None:
-        # forked RNG: the monitor leaves the training run's random stream untouched
-        with torch.random.fork_rng(devices=[]):
-            res = knn_of(cfg, data, model.encoder, device)
-        rec = {"step": step, "epoch": epoch, "knn_top1": res["top1"], "knn_top5": res["top5"]}
-        run.write(rec)
-        run.bar.set_postfix(knn_top1=f"{res['top1']:.2f}")
-    run.visuals.epoch_end(model, epoch + 1, step)
-    run.tick += time.perf_counter() - start  # the logged img/s is the training's alone
+    t = cfg.train
+    with job.paused():
+        if t.knn_every and (epoch + 1) % t.knn_every == 0 and data.bank_set is not None:
+            # forked RNG: the monitor leaves the training run's random stream untouched
+            with torch.random.fork_rng(devices=[]):
+                res = evaluate_knn(cfg, data, model.encoder, device)
+            record = {"step": step, "epoch": epoch}
+            record.update(knn_top1=res["top1"], knn_top5=res["top5"])
+            job.log(record, knn_top1=f"{res['top1']:.2f}")
+            visuals.log(record)
+        visuals.epoch_end(model, epoch + 1, step)
 
 
 OUTPUTS = ("encoder.safetensors", "summary.json")  # written after checkpoint.pt
 
 
-def already_trained(
-    cfg: Config, data: Data, model: CMAE, step: int, visuals: RunVisuals, device: torch.device
+def outputs_of_trained_run(
+    cfg: Config, job: TrainingJob, data: Data, model: CMAE, step: int, device: torch.device
 ) -> dict:
     """A run at its last step: write the outputs that a kill or a full disk kept it from
     writing after ``checkpoint.pt`` (``model`` holds its weights); return the summary."""
-    visuals.close()
-    summary = {}
-    out_dir = Path(cfg.train.out)
-    if is_main():
-        print(f"{out_dir} is already trained to step {step} (train.resume=never restarts)")
-        missing = [name for name in OUTPUTS if not (out_dir / name).is_file()]
-        if missing:
-            print(f"{out_dir}: writing the missing end-of-run outputs ({', '.join(missing)})")
-            summary = write_outputs(cfg, data, model, last_losses(out_dir, step), device)
-        else:
-            summary = json.loads((out_dir / "summary.json").read_text())
-    teardown_distributed()
-    return summary
+    if not is_main():
+        return {}
+    if job.missing_outputs(*OUTPUTS):
+        return write_outputs(cfg, data, model, last_losses(job.out_dir, step), device)
+    return job.read_json("summary.json")
 
 
 def last_losses(out_dir: Path, step: int) -> dict:
@@ -583,27 +476,26 @@ def last_losses(out_dir: Path, step: int) -> dict:
 
 def finish(
     cfg: Config,
-    run: RunOutputs,
+    job: TrainingJob,
+    visuals: RunVisuals,
     data: Data,
     model: CMAE,
     state: dict,
     out: CMAEOutput,
+    *,
     step: int,
     epoch: int,
     device: torch.device,
 ) -> dict:
     """Rank 0 after the last step: pictures, checkpoint.pt, then ``write_outputs``."""
-    t, out_dir = cfg.train, run.out_dir
-    run.visuals.epoch_end(model, epoch + 1, step, last=True)
-    run.visuals.close()
-    run.log_file.close()
-    wall = time.perf_counter() - run.start
-
-    run.checkpoints.save_final(state)  # a full training state: a longer run can resume from it
+    visuals.epoch_end(model, epoch + 1, step, last=True)
+    job.close()  # the log, the progress bar, the pictures' writer
+    wall = job.wall_s
+    job.save_final(state)  # a full training state: a longer run can resume from it
     summary = {
         "steps": step,
         "wall_s": wall,
-        "img_per_s": (step - run.start_step) * t.batch_size / wall,
+        "img_per_s": job.run_img_per_s(step, wall),
         "loss": out.loss.item(),
         "loss_pixel": out.loss_pixel.item(),
         "loss_contrast": out.loss_contrast.item(),
@@ -611,11 +503,9 @@ def finish(
     print(
         f"trained {step} steps in {wall:.1f}s ({summary['img_per_s']:.1f} img/s); final loss "
         f"{summary['loss']:.4f} (pixel {summary['loss_pixel']:.4f}, "
-        f"contrast {summary['loss_contrast']:.4f}); wrote {out_dir / 'checkpoint.pt'}"
+        f"contrast {summary['loss_contrast']:.4f}); wrote {job.out_dir / 'checkpoint.pt'}"
     )
-    summary = write_outputs(cfg, data, model, summary, device, run.visuals.last_png)
-    teardown_distributed()
-    return summary
+    return write_outputs(cfg, data, model, summary, device, visuals.last_png)
 
 
 def write_outputs(
@@ -628,7 +518,7 @@ def write_outputs(
 ) -> dict:
     """What follows ``checkpoint.pt``: ``encoder.safetensors``, the end-of-run kNN against a
     random-init encoder, ``summary.json`` and ``summary.md``. A rerun of a run killed before
-    they were all written calls it again (``already_trained``)."""
+    they were all written calls it again (``outputs_of_trained_run``)."""
     t, out_dir = cfg.train, Path(cfg.train.out)
     save_encoder(
         model,
@@ -643,8 +533,9 @@ def write_outputs(
     print(f"wrote {out_dir / 'encoder.safetensors'}")
     if t.knn_at_end and data.bank_set is not None:
         torch.manual_seed(t.seed)
-        summary["knn"] = knn_of(cfg, data, model.encoder, device)
-        summary["knn_random_init"] = knn_of(cfg, data, build_encoder(cfg.model).to(device), device)
+        summary["knn"] = evaluate_knn(cfg, data, model.encoder, device)
+        random_init = build_encoder(cfg.model).to(device)
+        summary["knn_random_init"] = evaluate_knn(cfg, data, random_init, device)
         print(
             f"kNN top-1 on held-out data ({summary['knn']['n_query']} images, k={t.knn_k}): "
             f"pretrained {summary['knn']['top1']:.2f}% vs random init "

@@ -5,11 +5,13 @@ non-finite loss poisons the gradients (so every rank, after DDP's all-reduce, an
 GradScaler see the step as bad), the optimizer step is skipped through the ``found_inf`` flag
 that fused optimizers take on device (the mechanism GradScaler uses), the EMA runs with
 momentum 1 and BatchNorm buffers are restored. The counters live on the device and are read at
-logging steps only; ``train.max_bad_steps`` consecutive bad steps stop the run there.
+logging steps only; ``max_bad_steps`` consecutive bad steps stop the run there. Pretraining
+writes its own step (micro-batches, EMA, GradScaler); the other training commands use
+``skip_nonfinite_step``.
 
 SIGTERM / SIGUSR1 (a scheduler's preemption notice) set a flag; the loop finishes its step,
-saves a checkpoint and raises ``Preempted``, which ``cmae pretrain`` turns into exit code 75
-(EX_TEMPFAIL: retry later). Rerunning the same command resumes (``train.resume=auto``).
+saves a checkpoint and raises ``Preempted``, which ``cmae`` turns into exit code 75
+(EX_TEMPFAIL: retry later). Rerunning the same command resumes (``resume=auto``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,30 @@ def keep_buffers_unless(buffers: Sequence[Tensor], before: Sequence[Tensor], ok:
         b.copy_(torch.where(ok, b, old))
 
 
+def buffer_values(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(the buffers of ``model``, copies of their values now): what ``skip_nonfinite_step``
+    puts back after a bad step. Take them before the forward."""
+    buffers = list(model.buffers())
+    return buffers, [b.clone() for b in buffers]
+
+
+def skip_nonfinite_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    buffers: tuple[list[Tensor], list[Tensor]],
+    bad_steps: BadSteps,
+) -> Tensor:
+    """After ``poison_nonfinite(loss).backward()``: the optimizer step unless a gradient is
+    non-finite (then no update and the ``buffers`` of ``buffer_values`` put back), counted in
+    ``bad_steps``; returns the device flag ``ok``. No host sync with a fused optimizer."""
+    ok = grads_finite(model.parameters())
+    step_unless_bad(optimizer, ok)
+    keep_buffers_unless(*buffers, ok)
+    weights_ok = weights_finite(p for p in model.parameters() if p.requires_grad)
+    bad_steps.update(ok & weights_ok, weights_ok)
+    return ok
+
+
 class BadSteps:
     """Device-side counters of skipped steps; ``check`` reads them (a host sync) at log steps.
 
@@ -118,10 +144,10 @@ class BadSteps:
         if weights_ok is not None:
             self.weights_ok &= weights_ok
 
-    def check(self, max_bad: int, step: int) -> int:
+    def check(self, max_bad: int, step: int, key: str = "train.max_bad_steps") -> int:
         """Raise NonFiniteError after ``max_bad`` consecutive bad steps, or once the weights
         are non-finite; else return the number of steps skipped since the last check (and warn
-        about them)."""
+        about them). ``key``: the setting of ``max_bad`` (named in the error)."""
         worst, total, weights_ok = torch.stack(
             [self.worst, self.total, self.weights_ok.long()]
         ).tolist()
@@ -131,13 +157,13 @@ class BadSteps:
             raise NonFiniteError(
                 f"the weights became non-finite in a step up to step {step} although its loss "
                 "and gradients were finite (an lr or weight decay too large for them); nothing "
-                "non-finite was saved. Lower train.lr / train.weight_decay and resume from the "
+                "non-finite was saved. Lower the lr or the weight decay and resume from the "
                 "last checkpoint."
             )
         if worst >= max_bad:
             raise NonFiniteError(
                 f"{worst} consecutive steps (checked at step {step}) had a non-finite loss or "
-                f"gradient (train.max_bad_steps={max_bad}); their updates were skipped. Lower "
+                f"gradient ({key}={max_bad}); their updates were skipped. Lower "
                 "the lr, use amp=bf16 instead of fp16, or resume from an earlier checkpoint."
             )
         new, self.reported = total - self.reported, total
