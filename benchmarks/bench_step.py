@@ -165,9 +165,9 @@ def seg_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype |
     crop = SEG_PRESETS[preset][1]
     torch.manual_seed(0)
     weights = load_encoder_weights("random", "vit_base")
-    model = segmentor_for(
-        weights, 150, crop, channels=768, aux_channels=256, drop_path=0.1
-    ).to(device)
+    model = segmentor_for(weights, 150, crop, channels=768, aux_channels=256, drop_path=0.1).to(
+        device
+    )
     kwargs = {"fused": True} if kind == "fused" else {"foreach": kind == "foreach"}
     opt = torch.optim.AdamW(
         layer_decay_groups(model, 0.05, 0.65), lr=1e-4, betas=(0.9, 0.999), **kwargs

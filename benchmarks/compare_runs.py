@@ -3,9 +3,10 @@ same program's output? Bitwise, not approximately.
 
 ``python benchmarks/compare_runs.py RUN_A RUN_B`` compares the values of every log.jsonl record
 (the losses and the evaluations' metrics: every key of ``VALUES`` a record holds, by step; a
-resumed run's later record of a step replaces its earlier one) and every tensor of
-checkpoint.pt (model, optimizer state, RNG states: any tensor anywhere in the file). Prints one
-JSON line and exits 1 on any difference. Times (img_per_s) and paths are not compared.
+resumed run's later record of a step replaces its earlier one) and every tensor of the final
+checkpoint (model, optimizer state, RNG states: any tensor anywhere in the file): checkpoint.pt,
+or where a command writes none (``cmae finetune``) the newest of checkpoints/. Prints one JSON
+line and exits 1 on any difference. Times (img_per_s) and paths are not compared.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def losses(run: Path) -> dict[tuple[int, str], tuple]:
     return out
 
 
+def final_checkpoint(run: Path) -> Path:
+    """RUN/checkpoint.pt, else the periodic checkpoint of the highest step."""
+    if (run / "checkpoint.pt").is_file():
+        return run / "checkpoint.pt"
+    periodic = (run / "checkpoints").glob("step-*.pt")
+    return max(periodic, key=lambda p: int(p.stem.split("-")[1]))
+
+
 def tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a nested checkpoint, by its path (``model/encoder.cls_token``)."""
     if isinstance(obj, torch.Tensor):
@@ -65,7 +74,7 @@ def main() -> int:
     la, lb = losses(args.run_a), losses(args.run_b)
     loss_diff = sorted(s for s in la.keys() | lb.keys() if la.get(s) != lb.get(s))
     loss_diff = [f"{step}:{keys}" for step, keys in loss_diff]
-    load = lambda run: torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    load = lambda run: torch.load(final_checkpoint(run), map_location="cpu", weights_only=True)
     ta, tb = tensors(load(args.run_a)), tensors(load(args.run_b))
     missing = sorted(ta.keys() ^ tb.keys())
     differ = sorted(

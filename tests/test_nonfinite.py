@@ -45,7 +45,9 @@ def test_nan_loss_skips_update_ema_and_batchnorm_stats(tiny_model, kind):
     amp = torch.float16 if kind == "fp16-scaler" else None
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp else None
     bad = BadSteps(torch.device("cpu"))
-    train_one_step(model, opt, batch(0), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad)
+    train_one_step(
+        model, opt, batch(0), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad
+    )
     before = snapshot(model, opt)
 
     forward = model.forward
@@ -55,13 +57,17 @@ def test_nan_loss_skips_update_ema_and_batchnorm_stats(tiny_model, kind):
         return out._replace(loss=out.loss + float("nan"))
 
     model.forward = nan_forward
-    out = train_one_step(model, opt, batch(1), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad)
+    out = train_one_step(
+        model, opt, batch(1), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad
+    )
     assert out.loss.isnan()
     assert equal(snapshot(model, opt), before), "a skipped step changed the state"
     assert (bad.run.item(), bad.total.item()) == (1, 1)
 
     del model.forward
-    train_one_step(model, opt, batch(2), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad)
+    train_one_step(
+        model, opt, batch(2), lr=1e-3, momentum=0.9, amp=amp, scaler=scaler, bad_steps=bad
+    )
     after = snapshot(model, opt)
     assert not equal(after["model"], before["model"]), "a good step must train again"
     assert bad.run.item() == 0 and bad.check(max_bad=3, step=3) == 1
