@@ -15,7 +15,8 @@ from cmae.interop.encoders import EncoderWeights, build_classifier, load_encoder
 from cmae.interop.export import FORMAT_CONVVIT, export_encoder, export_timm, safetensors_metadata
 from cmae.models import convvit
 from cmae.models.cmae import build_encoder, build_model, unpatchify
-from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier, upsample_mask
+from cmae.models.convvit import ConvViT, ConvViTClassifier, upsample_mask
+from cmae.models.sizes import CONVVIT_SIZES
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.runtime.optim import layer_decay_groups
 from tests.conftest import tiny_overrides

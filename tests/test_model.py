@@ -6,7 +6,7 @@ import torch
 
 from cmae.config import load_config
 from cmae.models.cmae import build_encoder, build_model
-from cmae.models.vit import ENCODER_SIZES
+from cmae.models.sizes import ENCODER_SIZES
 
 
 def inputs(n=4, size=16, seed=0):

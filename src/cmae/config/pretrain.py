@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmae.config.base import ConfigError, SyntheticSplits, compose, load_layered, preset_path
+from cmae.models.sizes import CONVVIT_SIZES, ENCODER_SIZES, vit_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,9 +169,6 @@ def load_config(preset: str | None = "tiny", overrides: list[str] | None = None)
 
 def validate(cfg: Config) -> None:
     """Semantic checks that the types cannot express; each error names its key."""
-    from cmae.models.convvit import CONVVIT_SIZES  # local: keep config importable without torch
-    from cmae.models.vit import ENCODER_SIZES, vit_size
-
     m, d, t = cfg.model, cfg.data, cfg.train
     if m.method not in REFERENCE_MASK:
         raise ConfigError(f"model.method: expected 'cmae' or 'mae', got {m.method!r}")

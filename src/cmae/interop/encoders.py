@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from cmae.config import ConfigError, ModelConfig, compose, load_config, to_dict
 from cmae.models.cmae import build_encoder, make_encoder
-from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier
+from cmae.models.convvit import ConvViT, ConvViTClassifier
+from cmae.models.sizes import CONVVIT_SIZES, ENCODER_SIZES, vit_size
 from cmae.models.upernet import (
     ConvViTPyramid,
     UperNet,
@@ -33,7 +34,7 @@ from cmae.models.upernet import (
     build_segmentor,
     resample_pos_embed,
 )
-from cmae.models.vit import ENCODER_SIZES, ViTEncoder, sincos_pos_embed, vit_size
+from cmae.models.vit import ViTEncoder, sincos_pos_embed
 from cmae.runtime.checkpoint import CheckpointError, check_weights, load_checkpoint
 
 

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from cmae.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
 from cmae.models.cmae import CMAE, build_model
-from cmae.models.convvit import CONVVIT_SIZES
-from cmae.models.vit import ENCODER_SIZES, sincos_pos_embed, vit_name, vit_size
+from cmae.models.sizes import CONVVIT_SIZES, ENCODER_SIZES, vit_name, vit_size
+from cmae.models.vit import sincos_pos_embed
 from cmae.runtime.checkpoint import (
     CheckpointError,
     _atomic_write,

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from cmae.models.convvit import ConvViT
 from cmae.models.losses import info_nce, masked_pixel_loss
-from cmae.models.vit import LayerNorm, ViTEncoder, init_module, sincos_pos_embed, vit_size
+from cmae.models.sizes import vit_size
+from cmae.models.vit import LayerNorm, ViTEncoder, init_module, sincos_pos_embed
 
 # ---------------------------------------------------------------------------------------------
 # tensor helpers

@@ -33,15 +33,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
+from cmae.models.sizes import CONVVIT_SIZES
 from cmae.models.vit import LayerNorm, init_module, sincos_pos_embed
-
-# name -> (stage dims, stage depths, stage-3 heads); ConvMAE-Base is 256/384/768, 2/2/11, 12.
-# The smaller sizes keep its 1/3 : 1/2 : 1 width ratio at ViT-Tiny / ViT-Small stage-3 widths.
-CONVVIT_SIZES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], int]] = {
-    "convvit_tiny": ((64, 96, 192), (2, 2, 11), 3),  # CPU size for 32 px images
-    "convvit_small": ((128, 192, 384), (2, 2, 11), 6),
-    "convvit_base": ((256, 384, 768), (2, 2, 11), 12),
-}
 
 MERGE = 2  # patch-merging stride between stages (1/4 -> 1/8 -> 1/16)
 

@@ -28,8 +28,9 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
-from cmae.models.convvit import CONVVIT_SIZES, ConvViT, convvit_layer_id
-from cmae.models.vit import sincos_pos_embed, vit_size
+from cmae.models.convvit import ConvViT, convvit_layer_id
+from cmae.models.sizes import CONVVIT_SIZES, vit_size
+from cmae.models.vit import sincos_pos_embed
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
