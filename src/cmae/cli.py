@@ -6,6 +6,8 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 from tqdm import tqdm
 
@@ -28,21 +30,18 @@ from cmae.train import finetune, pretrain, segment
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
+# the commands that train (cmae.train.lifecycle): they stop on SIGTERM / SIGUSR1 with exit 75
+# and the same command resumes
+TRAINING_COMMANDS = ("pretrain", "finetune", "segment")
+
 
 def _pretrain(args: argparse.Namespace) -> None:
-    # a stop signal before the run installs its own handler (config, data probing, model
-    # building) ends the start-up with a message and exit 75, like one during training
-    previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
-    try:
-        overrides = list(args.overrides)
-        if args.data is not None:
-            overrides.append(f"data.path={args.data}")
-        if args.out is not None:
-            overrides.append(f"train.out={args.out}")
-        pretrain.run(load_config(args.config, overrides))
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.out is not None:
+        overrides.append(f"train.out={args.out}")
+    pretrain.run(load_config(args.config, overrides))
 
 
 class StoppedInStartup(Exception):
@@ -51,6 +50,18 @@ class StoppedInStartup(Exception):
 
 def _stopped_in_startup(signum: int, frame) -> None:
     raise StoppedInStartup(signal.Signals(signum).name)
+
+
+@contextmanager
+def _stop_signals_in_startup() -> Iterator[None]:
+    """A stop signal before the run installs its own handler (config, data probing, model
+    building) ends the start-up with a message and exit 75, like one during training."""
+    previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 EVAL_COMMANDS = {
@@ -306,12 +317,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    training = args.command in TRAINING_COMMANDS
     try:
-        args.func(args)
+        with _stop_signals_in_startup() if training else nullcontext():
+            args.func(args)
     except Preempted:  # a stop signal; the state is saved and the message printed
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C: what was saved stays; 128 + SIGINT, as shells report
-        resume = " (it resumes from the last checkpoint)" if args.command == "pretrain" else ""
+        resume = " (it resumes from the last checkpoint)" if training else ""
         _say(f"cmae {args.command}: interrupted; run the same command again{resume}")
         return 130
     except StoppedInStartup as e:
