@@ -138,26 +138,21 @@ def train(cfg: FinetuneConfig, job: TrainingJob) -> dict:
     weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
     mean, std = eval_normalization(cfg.data.mean, cfg.data.std, weights)
     data = build_data(cfg, weights, mean, std, device, job.worker_init_fn)
-    classes = data.classes
-    model = build_classifier(weights, len(classes), cfg.encoder.pool, cfg.drop_path).to(device)
-    freeze_for_partial(model, cfg.trainable_blocks)
-    base_lr = cfg.blr * cfg.batch_size / 256
-    optimizer = torch.optim.AdamW(
-        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr, betas=BETAS
-    )
-    aug, criterion = batch_augment(cfg, len(classes), mean, std, device)
+    num_classes = len(data.classes)
+    model, optimizer, base_lr = build_model(cfg, weights, num_classes, device)
+    aug, criterion = batch_augment(cfg, num_classes, mean, std, device)
     steps_per_epoch = len(data.loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"cmae finetune: {weights.encoder} {weights.img_size}px, {n_trainable / 1e6:.2f}M "
-        f"trainable params, {data.n_train} train / {data.n_val} val images, {len(classes)} "
+        f"trainable params, {data.n_train} train / {data.n_val} val images, {num_classes} "
         f"classes, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {base_lr:.3g}, "
         f"device {device}"
     )
     # what a checkpoint must match to be resumed here (the initial weights do not matter)
-    config = {**to_dict(cfg), "model": model_identity(cfg, weights, len(classes))}
+    config = {**to_dict(cfg), "model": model_identity(cfg, weights, num_classes)}
     resumed = job.resume(cfg.resume, model, optimizer, None, config["model"], device)
     step = resumed.step
     history = list(resumed.state.get("history", []))  # the evaluated epochs' records
@@ -225,6 +220,20 @@ def train(cfg: FinetuneConfig, job: TrainingJob) -> dict:
             job.save(snapshot(epoch + 1), step, epoch + 1)
     job.close()
     return finish(cfg, job, data, history, n_trainable, mean, std)
+
+
+def build_model(
+    cfg: FinetuneConfig, weights: EncoderWeights, num_classes: int, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+    """The classifier on the pretrained encoder (partially frozen with ``trainable_blocks``),
+    AdamW with layer-wise lr decay, and the base lr (``blr`` x batch / 256)."""
+    model = build_classifier(weights, num_classes, cfg.encoder.pool, cfg.drop_path).to(device)
+    freeze_for_partial(model, cfg.trainable_blocks)
+    base_lr = cfg.blr * cfg.batch_size / 256
+    optimizer = torch.optim.AdamW(
+        layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr, betas=BETAS
+    )
+    return model, optimizer, base_lr
 
 
 def batch_augment(
