@@ -87,8 +87,8 @@ class DataConfig(SyntheticSplits):
     synthetic_val: int = 1000
     synthetic_size: int = 32
     synthetic_seed: int = 0
-    # the generated shapes' colours: grey (default: random grey levels) or color (random RGB,
-    # the built-in data before 2026-11-30); see cmae.data.datasets.SyntheticShapes
+    # the generated shapes' colours: grey (default: random grey levels) or color (random
+    # RGB); see cmae.data.datasets.SyntheticShapes
     synthetic_colors: str = "grey"
     # kNN check at the end of pretraining on labelled data
     knn_bank: int = 10000  # at most this many labelled train images in the feature bank
@@ -109,7 +109,7 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     # "reference": the official CMAE exemptions (biases, LayerNorms, tokens, pos-embeds; BN
-    # weights decayed); "1d": every 1-D parameter exempt (MAE's rule, cmae before 2026-11-30)
+    # weights decayed); "1d": every 1-D parameter exempt (MAE's rule)
     wd_exempt: str = "reference"
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.996

@@ -65,8 +65,8 @@ class SyntheticShapes(Dataset):
     pretraining and evaluation commands) or "color" (random RGB colours). With random colours
     an image's two colours identify it among thousands, so self-supervised training on a few
     minutes' budget learns the colours (the shortcut SimCLR's colour ablation describes) and
-    the kNN check on the shape classes stays near chance (14 % vs 11 % for random init in the
-    old no-argument demo); in grey the colours no longer tell images apart and the shape must.
+    the kNN check on the shape classes stays near chance (14 % vs 11 % for random init in a
+    5-minute run); in grey the colours do not tell images apart and the shape must.
     Image i is a pure function of (seed, i, colors), so the data set is reproducible without
     files. Labels are ``i % num_classes``: balanced.
     """
