@@ -174,6 +174,10 @@ class Plan(NamedTuple):
     last_step: int  # where this run stops (train.max_steps or the end)
 
 
+# ---------------------------------------------------------------------------------------------
+# setup: each step returns what the loop needs, in the order the random streams depend on
+
+
 def setup_process(cfg: Config) -> torch.device:
     """Join the process group (under torchrun; only rank 0 prints and writes files), set
     threads, allocator, determinism and seeds."""
