@@ -1,7 +1,9 @@
 """The promises every training command keeps (``cmae.train.lifecycle``), checked per command on
 the built-in data: a second run on the same ``--out`` is refused with one line and no
 traceback; SIGTERM (sent to the whole process group, as a scheduler does, data workers
-included) saves and exits 75 within seconds; the same command again resumes and finishes.
+included) saves and exits 75 within seconds; the same command again resumes and finishes;
+non-finite steps are skipped, and ``max_bad_steps`` of them in a row stop the run with one
+line, nothing non-finite saved.
 
 A new training command keeps them by being added to ``COMMANDS``."""
 
@@ -13,14 +15,21 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmae.cli import main
-from cmae.runtime.checkpoint import latest_checkpoint, periodic_checkpoints
+from cmae.runtime.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    nonfinite_tensors,
+    periodic_checkpoints,
+)
 from cmae.runtime.faults import EXIT_PREEMPTED
 from cmae.runtime.runlock import RunLock
 from tests.conftest import tiny_overrides
 
 # each a tiny run of 12-15 optimizer steps with one data worker; (arguments, steps in all)
+# pretraining's keys are under train.; the other commands' at the top
 COMMANDS = {
     "pretrain": (
         [
@@ -74,6 +83,8 @@ COMMANDS = {
         12,
     ),
 }
+KEY_PREFIX = {"pretrain": "train."}
+RESULTS = {"pretrain": "summary.json"}  # the end-of-run results file; else results.json
 START_S = 300  # start-up (imports, data, model) on a busy machine
 STOP_S = 30  # from the signal to the exit: finish the step, save, leave
 
@@ -140,3 +151,34 @@ def test_the_same_command_resumes_and_finishes(stopped, capsys):
     assert "resuming from" in capsys.readouterr().out
     _, state = latest_checkpoint(out, ("step",))
     assert state["step"] == COMMANDS[command][1]
+
+
+def test_a_trained_run_writes_only_its_missing_outputs(stopped, capsys):
+    """A rerun of a finished run trains nothing; one whose results a kill or a full disk kept
+    from being written writes them."""
+    command, out, _, _, _ = stopped
+    assert main(argv(command, out)) == 0  # finishes the run, if the test above did not
+    results = out / RESULTS.get(command, "results.json")
+    assert results.is_file()
+    results.unlink()
+    capsys.readouterr()
+    assert main(argv(command, out)) == 0
+    said = capsys.readouterr().out
+    assert "is already trained to" in said and "writing the missing end-of-run outputs" in said
+    assert results.is_file()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capsys, monkeypatch, command):
+    """Every loss NaN: each step is skipped (no update), and the check after the 2nd in a row
+    (``max_bad_steps=2``) ends the run with one line; the checkpoints saved hold finite values."""
+    monkeypatch.setattr(f"cmae.train.{command}.poison_nonfinite", lambda loss: loss * torch.nan)
+    key = f"{KEY_PREFIX.get(command, '')}max_bad_steps"
+    out = tmp_path / "run"
+    assert main([*argv(command, out), f"{key}=2"]) == 2
+    err = capsys.readouterr().err
+    last_line = err.strip().splitlines()[-1]  # after the progress bar
+    assert last_line.startswith(f"cmae {command}: error: ") and f"({key}=2)" in last_line, err
+    assert "Traceback" not in err, err
+    for _, _, path in periodic_checkpoints(out):
+        assert not nonfinite_tensors(load_checkpoint(path)), path
