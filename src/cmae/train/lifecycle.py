@@ -68,6 +68,7 @@ do nothing, and ``TrainingJob`` leaves the process group on exit.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -137,7 +138,8 @@ class TrainingJob:
             stack.enter_context(lock_run_dir(self.out_dir))
             stack.enter_context(self.signals)
             stack.callback(teardown_distributed)  # however the run ends (a no-op alone)
-            if is_main():  # the lock is held: no other run writes here
+            # before the process group exists: rank 0 is torchrun's RANK (as for the lock)
+            if int(os.environ.get("RANK", "0")) == 0:  # the lock is held: no other run writes
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 remove_stale_temps(self.out_dir)
             self._stack = stack.pop_all()
