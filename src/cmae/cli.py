@@ -123,10 +123,10 @@ def _add_segment_command(sub) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     if args.format == "timm":
-        path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
-        if fmt == export.FORMAT_CONVVIT:
+        path, written = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
+        if written == export.FORMAT_CONVVIT:
             print(
-                f"wrote {path} ({fmt}): a ConvViT encoder is not a timm VisionTransformer, so "
+                f"wrote {path} ({written}): a ConvViT encoder is not a timm VisionTransformer, so "
                 "this is its own state dict (cmae names); load it with cmae.load_encoder "
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
