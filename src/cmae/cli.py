@@ -123,11 +123,14 @@ def _add_segment_command(sub) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     if args.format == "timm":
-        path, written = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
-        if written == export.FORMAT_CONVVIT:
+        path, saved_format = export.export_encoder(
+            args.checkpoint, args.out, args.img_size, args.branch
+        )
+        if saved_format == export.FORMAT_CONVVIT:
             print(
-                f"wrote {path} ({written}): a ConvViT encoder is not a timm VisionTransformer, so "
-                "this is its own state dict (cmae names); load it with cmae.load_encoder "
+                f"wrote {path} ({saved_format}): a ConvViT encoder is not a timm "
+                "VisionTransformer, so this is its own state dict (cmae names); load it with "
+                "cmae.load_encoder "
                 "or `cmae knn / linprobe / finetune --checkpoint`"
             )
             return
