@@ -6,8 +6,11 @@ Each row is an override list that must be refused when applied to the command's 
 import re
 
 import pytest
+import torch
+import yaml
 
 from cmae.config import (
+    Config,
     ConfigError,
     FinetuneConfig,
     KnnConfig,
@@ -15,7 +18,10 @@ from cmae.config import (
     load_config,
     load_eval_config,
     load_segment_config,
+    to_dict,
 )
+from cmae.config.base import compose
+from cmae.config.segment import SegmentConfig
 
 PRETRAIN = [
     (["model.method=byol"], "model.method"),
@@ -91,6 +97,8 @@ PRETRAIN = [
     (["train.threads=0"], "train.threads"),
     (["train.device=tpu"], "train.device"),
     (["train.device=CPU"], "train.device"),
+    (["train.device=cuda:"], "train.device"),
+    (["train.device=cuda:x"], "train.device"),
     (["train.amp=fp8"], "train.amp"),
     (["train.attention=flash"], "train.attention"),
     (["train.accum_steps=0"], "train.accum_steps"),
@@ -117,7 +125,7 @@ EVAL_ALL = (KnnConfig, LinprobeConfig, FinetuneConfig)
 TRAINED = (LinprobeConfig, FinetuneConfig)
 EVAL = [
     (EVAL_ALL, ["encoder.pool=max"], "encoder.pool"),
-    (EVAL_ALL, ["encoder.preset=nope"], "nope"),
+    (EVAL_ALL, ["encoder.preset=nope"], "encoder.preset"),
     (EVAL_ALL, ["data.crop_pct=0"], "data.crop_pct"),
     (EVAL_ALL, ["data.crop_pct=1.5"], "data.crop_pct"),
     (EVAL_ALL, ["data.std=[0.2,0.2,0]"], "data.std"),
@@ -163,7 +171,7 @@ EVAL = [
 ]
 
 SEGMENT = [
-    (["encoder.preset=nope"], "nope"),
+    (["encoder.preset=nope"], "encoder.preset"),
     (["data.num_classes=0"], "data.num_classes"),
     (["data.num_classes=256"], "data.num_classes"),
     (["data.scale=[0,64]"], "data.scale"),
@@ -181,8 +189,8 @@ SEGMENT = [
     (["data.synthetic_train=0"], "data.synthetic_train"),
     (["data.synthetic_colors=blue"], "data.synthetic_colors"),
     (["model.channels=0"], "model.channels"),
-    (["model.aux_channels=-1"], "aux_channels"),
-    (["model.aux_weight=-1"], "aux_weight"),
+    (["model.aux_channels=-1"], "model.aux_channels"),
+    (["model.aux_weight=-1"], "model.aux_weight"),
     (["model.pool_scales=[]"], "model.pool_scales"),
     (["model.pool_scales=[1,0]"], "model.pool_scales"),
     (["model.out_indices=[1,2,3]"], "model.out_indices"),
@@ -255,3 +263,36 @@ def test_the_defaults_pass():
     for cls in EVAL_ALL:
         load_eval_config(cls, None, [])
     load_segment_config(None, [])
+
+
+def test_a_bad_choice_names_the_allowed_values():
+    with pytest.raises(
+        ConfigError, match=r"^train.amp: expected auto, bf16, fp16 or none, got 'x'"
+    ):
+        load_config("tiny", ["train.amp=x"])
+    with pytest.raises(ConfigError, match=r"^amp: expected auto, bf16 or none, got 'fp16'"):
+        load_segment_config(None, ["amp=fp16"])
+
+
+def test_device_takes_cuda_with_an_index():
+    assert load_config("tiny", ["train.device=cuda:1"]).train.device == "cuda:1"
+
+
+def test_choices_are_plain_strings_in_config_yaml_and_checkpoints(tmp_path):
+    cfg = load_config("tiny", ["model.method=mae", "train.wd_exempt=1d", "train.amp=bf16"])
+    # a choice is its string to code that compares, formats or looks it up
+    assert cfg.model.method == "mae" and f"{cfg.train.amp}" == "bf16" == str(cfg.train.amp)
+    assert {"bf16": 1}[cfg.train.amp] == 1 and cfg.train.wd_exempt in ("reference", "1d")
+    d = to_dict(cfg)
+    assert type(d["model"]["method"]) is str and d["train"]["wd_exempt"] == "1d"
+    f = tmp_path / "config.yaml"
+    f.write_text(yaml.safe_dump(d, sort_keys=False))  # safe_dump refuses anything but builtins
+    assert "method: mae" in f.read_text() and load_config(str(f)) == cfg
+    torch.save({"config": d}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == d
+
+
+@pytest.mark.parametrize("cls", [Config, SegmentConfig, KnnConfig, LinprobeConfig, FinetuneConfig])
+def test_every_config_round_trips_through_its_dict(cls):
+    cfg = compose(cls, [])
+    assert compose(cls, [("", to_dict(cfg))]) == cfg == cls()
