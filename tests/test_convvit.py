@@ -17,7 +17,7 @@ from cmae.models import convvit
 from cmae.models.cmae import build_encoder, build_model, unpatchify
 from cmae.models.convvit import CONVVIT_SIZES, ConvViT, ConvViTClassifier, upsample_mask
 from cmae.runtime.checkpoint import CheckpointError
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 CONVVIT = {"model.encoder": "convvit_tiny"}
 

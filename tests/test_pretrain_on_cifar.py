@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from cmae.cli import main
-from tests.conftest import CIFAR_TAR
+from tests.helpers import CIFAR_TAR
 
 
 def extract_slice(dest, per_class: dict[str, int]) -> None:
