@@ -14,7 +14,7 @@ from cmae.config import load_config
 from cmae.data import datasets as data
 from cmae.data.datasets import DataError, load_rgb
 from cmae.train.pretrain import run
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from cmae.cli import main
 from cmae.config import load_config, to_dict
 from cmae.models.cmae import build_model
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 DATA = [
     "data.synthetic_train=16",

@@ -25,7 +25,7 @@ from cmae.runtime.checkpoint import (
 )
 from cmae.runtime.resume import RESUME_KEYS, find_resume
 from cmae.train.pretrain import run
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def state(step: int, value: float = 1.0) -> dict:

@@ -8,31 +8,7 @@ from safetensors.torch import load_file
 
 from cmae.cli import main
 from cmae.config import load_config
-
-
-def small_run_args(out):
-    return [
-        "pretrain",
-        "--out",
-        str(out),
-        "model.img_size=16",
-        "model.patch_size=4",
-        "model.decoder_dim=32",
-        "model.decoder_depth=1",
-        "model.decoder_heads=2",
-        "model.proj_hidden_dim=64",
-        "model.proj_dim=32",
-        "data.max_shift=4",
-        "data.synthetic_train=64",
-        "data.synthetic_val=32",
-        "data.synthetic_size=20",
-        "data.num_workers=0",
-        "data.knn_bank=64",
-        "data.knn_queries=32",
-        "train.batch_size=16",
-        "train.max_steps=3",
-        "train.log_every=1",
-    ]
+from tests.helpers import small_run_args
 
 
 def test_pretrain_cli_writes_run_dir(tmp_path):

@@ -19,7 +19,7 @@ from cmae.models.convvit import ConvViT, ConvViTClassifier, upsample_mask
 from cmae.models.sizes import CONVVIT_SIZES
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.runtime.optim import layer_decay_groups
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 CONVVIT = {"model.encoder": "convvit_tiny"}
 

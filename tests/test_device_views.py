@@ -16,7 +16,7 @@ from cmae.data.sampling import SeededSamples
 from cmae.data.views import CropBoxes, DeviceViews, PixelShiftViews, SingleView, collate_boxes
 from cmae.train.pretrain import run
 from cmae.viz.visualize import fixed_views
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 CPU = torch.device("cpu")
 

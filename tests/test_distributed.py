@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -31,18 +30,12 @@ from cmae.runtime.distributed import (
 )
 from cmae.runtime.optim import param_groups
 from cmae.train.pretrain import train_one_step
-from tests.conftest import tiny_overrides
+from tests.helpers import free_port, tiny_overrides
 
 WORLD = 2
 B = 4  # per-rank batch; the single-process reference runs the global batch WORLD * B
 LR, MOMENTUM = 0.5, 0.9  # SGD: the update is -lr * grad, so equal updates mean equal gradients
 CPU = torch.device("cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_batch() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:

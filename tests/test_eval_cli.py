@@ -23,7 +23,7 @@ from cmae.config import (
 from cmae.eval import knn
 from cmae.interop.encoders import build_vit_encoder, load_encoder_weights
 from cmae.models.cmae import build_encoder
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 # tiny built-in data: 16 px shapes, 40 train / 20 held-out images
 DATA = [

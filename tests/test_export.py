@@ -18,6 +18,7 @@ from cmae.interop.export import (
 )
 from cmae.models.vit import ViTEncoder
 from cmae.runtime.checkpoint import CheckpointError, save_checkpoint
+from tests.helpers import timm_from_file
 
 
 @pytest.fixture
@@ -30,17 +31,6 @@ def ckpt(tmp_path, tiny_cfg, tiny_model):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"model": model.state_dict(), "config": to_dict(cfg), "step": 3}, path)
     return path, model, cfg
-
-
-def timm_from_file(path, **overrides):
-    kwargs = {**json.loads(safetensors_metadata(path)["timm_kwargs"]), **overrides}
-    return timm.create_model(
-        "vit_base_patch16_224",
-        pretrained=True,
-        num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **kwargs,
-    ).eval()
 
 
 def test_timm_export_loads_in_timm_with_identical_features(ckpt, tmp_path):

@@ -13,7 +13,7 @@ from cmae.cli import main
 from cmae.config import load_config, to_dict
 from cmae.runtime.checkpoint import latest_checkpoint, save_checkpoint
 from cmae.runtime.faults import EXIT_PREEMPTED, StopSignals
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 # 40 train images / batch 8 = 5 steps per epoch x 3 epochs; evaluated after epochs 2 and 3
 DATA = ["data.synthetic_train=40", "data.synthetic_val=20", "data.synthetic_size=16"]

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
 
 import cmae
-from tests.conftest import tiny_overrides
-from tests.test_segment import SMALL as SEGMENT_SMALL
+from tests.helpers import SEGMENT_SMALL, tiny_overrides
 
 SRC = str(Path(cmae.__file__).resolve().parents[1])
 ROOT = str(Path(__file__).resolve().parents[1])  # so that the workers can import this module
@@ -29,7 +27,7 @@ RUN = """
 import sys
 from cmae import cli
 from cmae.train import pretrain, segment
-from tests.test_group_signal import SignalGroupOnRead
+from tests.helpers import SignalGroupOnRead
 
 # the evaluation's loader signals the group from its worker
 if sys.argv[1] == "monitor":
@@ -49,23 +47,6 @@ if sys.argv[1] == "segment":
     segment.evaluate = evaluate
 sys.exit(cli.main(sys.argv[2:]))
 """
-
-
-class SignalGroupOnRead(Dataset):
-    """Wraps a data set; a loader worker reading item 0 sends SIGTERM to its process group
-    (itself, the main process, the training loader's workers) and goes on loading."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        if i == 0 and get_worker_info() is not None:
-            os.killpg(os.getpgrp(), signal.SIGTERM)
-            time.sleep(0.5)  # the signal is delivered while this worker is still at work
-        return self.base[i]
 
 
 @pytest.fixture(scope="module")

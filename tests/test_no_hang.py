@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import cmae
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 SRC = str(Path(cmae.__file__).resolve().parents[1])
 LIMIT_S = 120  # start-up on a loaded CPU included; a hang never ends

@@ -13,7 +13,7 @@ from cmae.runtime.checkpoint import load_checkpoint, nonfinite_tensors, periodic
 from cmae.runtime.faults import BadSteps, NonFiniteError
 from cmae.runtime.optim import param_groups
 from cmae.train.pretrain import run, train_one_step
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def batch(seed: int) -> list[torch.Tensor]:

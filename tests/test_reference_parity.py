@@ -11,7 +11,7 @@ from cmae.interop.export import load_official, rename_official
 from cmae.models.cmae import CMAE
 from cmae.models.vit import sincos_pos_embed
 from cmae.runtime.optim import param_groups
-from tests.test_import import cmae_shapes, synthetic
+from tests.helpers import cmae_shapes, synthetic
 
 # mmengine paramwise_cfg custom_keys of the official pretraining config (decay_mult=0); a key
 # matches when it is a substring of the parameter's full name

@@ -18,7 +18,7 @@ from cmae.data.views import PixelShiftViews
 from cmae.runtime.checkpoint import load_checkpoint
 from cmae.runtime.faults import EXIT_PREEMPTED
 from cmae.runtime.resume import rng_state, set_deterministic, set_rng_state
-from tests.conftest import tiny_overrides
+from tests.helpers import free_port, tiny_overrides
 
 # 32 images / batch 8 = 4 steps per epoch x 3 epochs; checkpoints every 3 steps and at epoch
 # ends, so a kill lands before, on or between checkpoints
@@ -234,8 +234,6 @@ def _stop_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_all_ranks_stop_at_the_same_step(tmp_path):
     import torch.multiprocessing as mp
-
-    from tests.test_distributed import free_port
 
     mp.spawn(_stop_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [(tmp_path / f"rank{r}").read_text() for r in range(2)]

@@ -16,7 +16,7 @@ import cmae
 from cmae import cli
 from cmae.runtime.checkpoint import load_checkpoint, periodic_checkpoints
 from cmae.runtime.runlock import RunLock
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 SRC = str(Path(cmae.__file__).resolve().parents[1])
 

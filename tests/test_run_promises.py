@@ -26,7 +26,7 @@ from cmae.runtime.checkpoint import (
 )
 from cmae.runtime.faults import EXIT_PREEMPTED
 from cmae.runtime.runlock import RunLock
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 # each a tiny run of 12-15 optimizer steps with one data worker; (arguments, steps in all)
 # pretraining's keys are under train.; the other commands' at the top

@@ -41,6 +41,7 @@ from cmae.models.upernet import (
 from cmae.models.vit import ViTEncoder
 from cmae.runtime.optim import layer_decay_groups, poly_lr
 from cmae.train.segment import seg_loss
+from tests.helpers import SEGMENT_SMALL, free_port
 
 # a 4-block ViT of width 32 (patch 4): the smallest encoder with 4 pyramid taps
 DIM, DEPTH, HEADS = 32, 4, 2
@@ -315,25 +316,10 @@ def test_generated_segmentation_labels_match_the_shapes():
 # ---------------------------------------------------------------------------------------------
 # the command
 
-SMALL = [
-    "data.synthetic_train=32",
-    "data.synthetic_val=8",
-    "data.synthetic_size=32",
-    "data.crop=32",
-    "data.scale=[64,32]",
-    "data.stride=21",
-    "data.num_workers=0",
-    "data.vis_images=2",
-    "model.channels=16",
-    "model.aux_channels=8",
-    "batch_size=8",
-    "threads=1",
-]
-
 
 def test_short_run_on_generated_data_learns(tmp_path):
     out = tmp_path / "seg"
-    args = ["segment", "--checkpoint", "random", "--out", str(out), *SMALL]
+    args = ["segment", "--checkpoint", "random", "--out", str(out), *SEGMENT_SMALL]
     assert main([*args, "iters=40", "warmup_iters=4", "lr=0.001", "eval_every=20"]) == 0
     res = json.loads((out / "results.json").read_text())
     for name in ("config.yaml", "log.jsonl", "predictions.png", "checkpoint.pt"):
@@ -344,7 +330,7 @@ def test_short_run_on_generated_data_learns(tmp_path):
     assert [r["step"] for r in evals] == [20, 40]
     assert set(res["per_class"]) == set(GeneratedSegmentation.classes)
     # the same model with its heads untrained (random pyramid and heads)
-    cfg = load_segment_config(None, [*SMALL])
+    cfg = load_segment_config(None, [*SEGMENT_SMALL])
     weights = load_encoder_weights("random", "quick")
     torch.manual_seed(0)
     fresh = segmentor_for(weights, 11, 32, channels=16, aux_channels=8)
@@ -360,7 +346,7 @@ def test_short_run_on_generated_data_learns(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    base = ["--checkpoint", "random", *SMALL, "iters=6", "warmup_iters=2", "eval_every=0"]
+    base = ["--checkpoint", "random", *SEGMENT_SMALL, "iters=6", "warmup_iters=2", "eval_every=0"]
     base += ["data.vis_images=0", "save_every=3"]
     assert main(["segment", "--out", str(tmp_path / "a"), *base]) == 0
     assert main(["segment", "--out", str(tmp_path / "b"), *base, "max_iters=3"]) == 0
@@ -379,7 +365,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     root = write_ade(tmp_path / "ade")
     (root / "annotations" / "training" / "002.png").unlink()
     args = ["segment", "--checkpoint", "random", "--data", str(root), "--out", str(tmp_path / "o")]
-    assert main([*args, *SMALL]) == 2
+    assert main([*args, *SEGMENT_SMALL]) == 2
     err = capsys.readouterr().err
     assert "002.jpg: missing annotation" in err and "Traceback" not in err
     assert main([*args, "--config", "no_such_preset"]) == 2
@@ -396,12 +382,11 @@ def test_torchrun_two_ranks_reduce_one_confusion_matrix(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_distributed import free_port
-
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     cmd += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "cmae", "segment"]
-    cmd += ["--checkpoint", "random", "--out", str(out), *SMALL, "iters=2", "warmup_iters=1"]
+    cmd += ["--checkpoint", "random", "--out", str(out), *SEGMENT_SMALL]
+    cmd += ["iters=2", "warmup_iters=1"]
     cmd += ["data.synthetic_val=5", "data.vis_images=0", "threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -416,7 +401,7 @@ def test_torchrun_two_ranks_reduce_one_confusion_matrix(tmp_path):
 def test_stop_signal_saves_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
     from cmae.runtime.faults import EXIT_PREEMPTED, StopSignals
 
-    args = ["segment", "--checkpoint", "random", "--out", str(tmp_path / "run"), *SMALL]
+    args = ["segment", "--checkpoint", "random", "--out", str(tmp_path / "run"), *SEGMENT_SMALL]
     args += ["iters=3", "warmup_iters=1", "eval_every=0", "data.vis_images=0"]
     with monkeypatch.context() as m:
         m.setattr(StopSignals, "requested", lambda self: True)  # a SIGTERM before step 1 ends

@@ -29,7 +29,7 @@ from cmae.viz.visualize import (
     render_grid,
     unnormalize_patches,
 )
-from tests.test_cli import small_run_args
+from tests.helpers import small_run_args
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 # the dev extra installs matplotlib, so these run in CI; a bare install skips them

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +24,117 @@ from cmae.errors import ConfigError
 PRESET_DIR = Path(__file__).parents[1] / "configs"  # cmae/configs: presets found by name
 
 T = TypeVar("T")
+
+
+class Choice(str, Enum):
+    """The allowed values of a config field. OmegaConf refuses any other (by member name, so
+    each name is its value); a member is its string to ``==``, ``hash``, ``str``, f-strings and
+    JSON, and ``to_dict`` writes it as a plain string (checkpoints, config.yaml). Pickle would
+    keep the class, which ``torch.load(weights_only=True)`` refuses: store ``str(member)``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Colors(Choice):
+    """The built-in generated data's colours (cmae.data.datasets.SyntheticShapes)."""
+
+    grey = "grey"  # random grey levels
+    color = "color"  # random RGB
+
+
+# ---------------------------------------------------------------------------------------------
+# declared checks: a field's bounds or check function in its metadata, read by check_fields
+
+_BOUND = re.compile(r"^(>=?|<=?) *(-?[\d.]+)$|^([\[(]) *(-?[\d.]+), *(-?[\d.]+) *([\])])$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Where a number may lie: ``"> 0"``, ``">= 1"`` or an interval such as ``"[0, 1)"``."""
+
+    text: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = True
+    hi_open: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Bounds:
+        m = _BOUND.match(text)
+        if m is None:
+            raise ValueError(f"bounds {text!r}: expected '> a', '>= a' or an interval '[a, b)'")
+        op, bound, left, lo, hi, right = m.groups()
+        if op is not None:
+            side = {"lo": float(bound)} if op[0] == ">" else {"hi": float(bound)}
+            closed = op.endswith("=")
+            opened = {"lo_open": not closed} if op[0] == ">" else {"hi_open": not closed}
+            return cls(text, **side, **opened)
+        return cls(text, float(lo), float(hi), left == "(", right == ")")
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        return self.text if self.text[0] in "<>" else f"in {self.text}"
+
+
+def bounded(default: Any, bounds: str, ordered: bool = False) -> Any:
+    """A dataclass field whose value (each value of a list; None passes) must lie in ``bounds``;
+    ``ordered``: a (lo, hi) pair with lo <= hi."""
+    meta = {"bounds": Bounds.parse(bounds), "ordered": ordered}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def checked(default: Any, check: Callable[[Any], None]) -> Any:
+    """A dataclass field whose value ``check`` accepts; it raises ValueError saying why not."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+def check_fields(cfg: Any, prefix: str = "") -> None:
+    """ConfigError naming the first field of dataclass ``cfg`` (and of its sections, in order)
+    whose value is out of its declared bounds or refused by its check."""
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{key}.")
+        elif value is not None and "bounds" in f.metadata:
+            _check_bounds(key, value, f.metadata["bounds"], f.metadata["ordered"])
+        elif value is not None and "check" in f.metadata:
+            try:
+                f.metadata["check"](value)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_bounds(key: str, value: Any, bounds: Bounds, ordered: bool) -> None:
+    if isinstance(value, tuple):
+        if not value:
+            raise ConfigError(f"{key}: must not be empty")
+        if any(v not in bounds for v in value):
+            raise ConfigError(f"{key}: each must be {bounds.describe()}, got {list(value)}")
+        if ordered and value[0] > value[1]:
+            raise ConfigError(f"{key}: needs lo <= hi, got {list(value)}")
+    elif value not in bounds:
+        raise ConfigError(f"{key}: must be {bounds.describe()}, got {value}")
+
+
+def device_name(name: str) -> None:
+    """A device setting: auto, cpu, cuda or cuda:N."""
+    index = name.removeprefix("cuda:")
+    if name not in ("auto", "cpu", "cuda") and not (index != name and index.isdigit()):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def resume_setting(value: str) -> None:
+    """A resume setting: auto, never or a checkpoint path."""
+    if not value:
+        raise ValueError("expected auto, never or a checkpoint path, got ''")
 
 
 def preset_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "") -> Path:
@@ -104,8 +217,9 @@ def compose(schema: type[T] | T, layers: Sequence[tuple[str, Any]], prefix: str 
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of builtins (tuples become lists), safe for YAML and weights_only."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """Plain nested dict of builtins (tuples become lists, choices strings), safe for YAML and
+    weights_only."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
 def _apply(cfg: DictConfig, cls: type, values: Any, prefix: str) -> None:
@@ -173,6 +287,9 @@ def _expected(tp: Any) -> str:
         return f"a list of {len(args)} values"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, Choice):
+        *rest, last = [c.value for c in tp]
+        return f"{', '.join(rest)} or {last}"
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
     return names.get(tp, str(tp))
 
@@ -187,16 +304,5 @@ class SyntheticSplits:
             "val": self.synthetic_val,
             "size": self.synthetic_size,
             "seed": self.synthetic_seed,
-            "colors": self.synthetic_colors,
+            "colors": str(self.synthetic_colors),
         }
-
-    def check_synthetic(self) -> None:
-        """ConfigError naming ``data.<key>`` for a split or image size that is not positive, or
-        an unknown colour scheme."""
-        for key in ("synthetic_train", "synthetic_val", "synthetic_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"data.{key}: must be positive, got {getattr(self, key)}")
-        if self.synthetic_colors not in ("grey", "color"):
-            raise ConfigError(
-                f"data.synthetic_colors: expected grey or color, got {self.synthetic_colors!r}"
-            )

@@ -260,7 +260,7 @@ def model_identity(cfg: FinetuneConfig, weights: EncoderWeights, num_classes: in
     return {
         "encoder": weights.encoder,
         "img_size": weights.img_size,
-        "pool": cfg.encoder.pool,
+        "pool": str(cfg.encoder.pool),  # a plain str: checkpoints load with weights_only
         "num_classes": num_classes,
         "drop_path": cfg.drop_path,
         "trainable_blocks": cfg.trainable_blocks,

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from cmae.cli import main
-from tests.conftest import CIFAR_TAR
+from tests.helpers import CIFAR_TAR
 
 
 def extract_slice(dest, per_class: dict[str, int]) -> None:
@@ -50,4 +50,7 @@ def test_pretrain_on_cifar_slice(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
     assert summary["knn"]["n_bank"] == 200 and summary["knn"]["n_query"] == 50
-    assert 0.0 <= summary["knn"]["top1"] <= 100.0
+    # 10 classes, so chance is 10%; this run (seeded, 4 steps) measured 20.0 (random init: 18.0).
+    # A broken pipeline (labels detached from images, collapsed features) lands near chance.
+    assert summary["knn"]["top1"] >= 16.0
+    assert summary["knn_random_init"]["n_query"] == 50

@@ -1,7 +1,7 @@
 """Import of the official MAE and CMAE checkpoint layouts.
 
-No official weights can be downloaded in tests, so the state dicts below are SYNTHETIC: random
-tensors under exactly the key names and shapes those codebases save, written out here by hand
+No official weights can be downloaded in tests, so the state dicts are SYNTHETIC: random tensors
+under exactly the key names and shapes those codebases save, written out by hand (tests/helpers.py)
 for a small configuration (ViT-Tiny width 192 x 12 blocks, 32 px, patch 8, decoders 32 wide):
 
 - MAE, facebookresearch/mae ``models_mae.py`` (timm blocks), saved as ``{"model": state}``;
@@ -25,147 +25,25 @@ from cmae.data.views import normalize
 from cmae.interop.export import bgr_to_rgb_patch_embed, load_model, load_official
 from cmae.models.cmae import unpatchify
 from cmae.runtime.checkpoint import CheckpointError
-from tests.test_export import timm_from_file
-
-D, DEPTH, P, GRID = 192, 12, 8, 4  # encoder width/depth, patch, grid -> 32 px
-DD, DEC_DEPTH, FEAT_DEPTH = 32, 2, 1  # decoder width, pixel / feature decoder depth
-PH, PO = 64, 16  # projector hidden / out
-L = GRID * GRID
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def timm_block(prefix, d):
-    return {
-        f"{prefix}norm1.weight": (d,),
-        f"{prefix}norm1.bias": (d,),
-        f"{prefix}attn.qkv.weight": (3 * d, d),
-        f"{prefix}attn.qkv.bias": (3 * d,),
-        f"{prefix}attn.proj.weight": (d, d),
-        f"{prefix}attn.proj.bias": (d,),
-        f"{prefix}norm2.weight": (d,),
-        f"{prefix}norm2.bias": (d,),
-        f"{prefix}mlp.fc1.weight": (4 * d, d),
-        f"{prefix}mlp.fc1.bias": (4 * d,),
-        f"{prefix}mlp.fc2.weight": (d, 4 * d),
-        f"{prefix}mlp.fc2.bias": (d,),
-    }
-
-
-def mm_block(prefix, d):
-    return {
-        f"{prefix}ln1.weight": (d,),
-        f"{prefix}ln1.bias": (d,),
-        f"{prefix}attn.qkv.weight": (3 * d, d),
-        f"{prefix}attn.qkv.bias": (3 * d,),
-        f"{prefix}attn.proj.weight": (d, d),
-        f"{prefix}attn.proj.bias": (d,),
-        f"{prefix}ln2.weight": (d,),
-        f"{prefix}ln2.bias": (d,),
-        f"{prefix}ffn.layers.0.0.weight": (4 * d, d),
-        f"{prefix}ffn.layers.0.0.bias": (4 * d,),
-        f"{prefix}ffn.layers.1.weight": (d, 4 * d),
-        f"{prefix}ffn.layers.1.bias": (d,),
-    }
-
-
-def mae_encoder_shapes():
-    shapes = {
-        "cls_token": (1, 1, D),
-        "pos_embed": (1, L + 1, D),
-        "patch_embed.proj.weight": (D, 3, P, P),
-        "patch_embed.proj.bias": (D,),
-        "norm.weight": (D,),
-        "norm.bias": (D,),
-    }
-    for i in range(DEPTH):
-        shapes |= timm_block(f"blocks.{i}.", D)
-    return shapes
-
-
-def mae_shapes():
-    shapes = mae_encoder_shapes() | {
-        "mask_token": (1, 1, DD),
-        "decoder_pos_embed": (1, L + 1, DD),
-        "decoder_embed.weight": (DD, D),
-        "decoder_embed.bias": (DD,),
-        "decoder_norm.weight": (DD,),
-        "decoder_norm.bias": (DD,),
-        "decoder_pred.weight": (P * P * 3, DD),
-        "decoder_pred.bias": (P * P * 3,),
-    }
-    for i in range(DEC_DEPTH):
-        shapes |= timm_block(f"decoder_blocks.{i}.", DD)
-    return shapes
-
-
-def mm_vit(prefix, final_norm):
-    shapes = {
-        f"{prefix}cls_token": (1, 1, D),
-        f"{prefix}pos_embed": (1, L + 1, D),
-        f"{prefix}patch_embed.projection.weight": (D, 3, P, P),
-        f"{prefix}patch_embed.projection.bias": (D,),
-    }
-    if final_norm:
-        shapes |= {f"{prefix}ln1.weight": (D,), f"{prefix}ln1.bias": (D,)}
-    for i in range(DEPTH):
-        shapes |= mm_block(f"{prefix}layers.{i}.", D)
-    return shapes
-
-
-def mm_decoder(prefix, depth):
-    shapes = {
-        f"{prefix}mask_token": (1, 1, DD),
-        f"{prefix}decoder_pos_embed": (1, L + 1, DD),
-        f"{prefix}decoder_embed.weight": (DD, D),
-        f"{prefix}decoder_embed.bias": (DD,),
-        f"{prefix}ln1.weight": (DD,),
-        f"{prefix}ln1.bias": (DD,),
-        f"{prefix}decoder_pred.weight": (P * P * 3, DD),
-        f"{prefix}decoder_pred.bias": (P * P * 3,),
-    }
-    for i in range(depth):
-        shapes |= mm_block(f"{prefix}decoder_blocks.{i}.", DD)
-    return shapes
-
-
-def mm_neck(prefix, cin):
-    # NonLinearNeck(with_bias=True, with_last_bn=False): fc0 -> bn0 (SyncBN) -> relu -> fc1
-    return {
-        f"{prefix}fc0.weight": (PH, cin),
-        f"{prefix}fc0.bias": (PH,),
-        f"{prefix}bn0.weight": (PH,),
-        f"{prefix}bn0.bias": (PH,),
-        f"{prefix}bn0.running_mean": (PH,),
-        f"{prefix}bn0.running_var": (PH,),
-        f"{prefix}bn0.num_batches_tracked": (),
-        f"{prefix}fc1.weight": (PO, PH),
-    }
-
-
-def cmae_shapes():
-    return (
-        mm_vit("backbone.", final_norm=True)
-        | mm_vit("target_backbone.", final_norm=False)
-        | mm_decoder("pixel_decoder.", DEC_DEPTH)
-        | mm_decoder("feature_decoder.", FEAT_DEPTH)
-        | mm_neck("projector.", P * P * 3)
-        | mm_neck("target_projector.", P * P * 3)
-        | mm_neck("head.predictor.", PO)
-    )
-
-
-def synthetic(shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, s in shapes.items():
-        if k.endswith("num_batches_tracked"):
-            out[k] = torch.tensor(1000)
-        elif k.endswith("running_var"):
-            out[k] = torch.rand(s, generator=g) + 0.5
-        else:
-            out[k] = 0.05 * torch.randn(s, generator=g)
-    return out
-
+from tests.helpers import (
+    DD,
+    DEC_DEPTH,
+    DEPTH,
+    FEAT_DEPTH,
+    MEAN,
+    PH,
+    PO,
+    STD,
+    D,
+    L,
+    P,
+    cmae_shapes,
+    mae_encoder_shapes,
+    mae_shapes,
+    mm_vit,
+    synthetic,
+    timm_from_file,
+)
 
 # our name -> official name, for one representative of every distinct parameter kind
 MAE_PAIRS = {
