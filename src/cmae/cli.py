@@ -20,7 +20,8 @@ from cmae.config import (
 )
 from cmae.data.datasets import DataError
 from cmae.eval import knn, linprobe
-from cmae.interop import export
+from cmae.interop import export, hf, onnx_export
+from cmae.interop.api import load_encoder
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.runtime.runlock import RunDirBusy
 from cmae.train import finetune, pretrain, segment
@@ -111,7 +112,28 @@ def _add_segment_command(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    if args.format == "timm":
+    if args.format not in ("hf", "onnx") and (args.pool or args.push_to_hub):
+        raise ConfigError("--pool / --push-to-hub: only for --format hf (--pool: onnx too)")
+    if args.format == "hf":
+        path = hf.export_hf(
+            args.checkpoint, args.out, args.img_size, args.branch, args.pool or "cls"
+        )
+        print(
+            f"wrote {path}/ (config.json + model.safetensors); load it with "
+            f'timm.create_model("local-dir:{path}", pretrained=True)'
+        )
+        if args.push_to_hub:
+            print(f"pushed to {hf.push_to_hub(path, args.push_to_hub)}")
+        return
+    if args.format == "onnx":
+        if args.branch != "online":
+            raise ConfigError(
+                "--branch target: export it with --format timm first, then --format onnx from "
+                "that file"
+            )
+        enc = load_encoder(args.checkpoint, args.pool or "cls", img_size=args.img_size)
+        path = onnx_export.export_onnx(enc, args.out)
+    elif args.format == "timm":
         path, fmt = export.export_encoder(args.checkpoint, args.out, args.img_size, args.branch)
         if fmt == export.FORMAT_CONVVIT:
             print(
@@ -164,19 +186,45 @@ def _plot(args: argparse.Namespace) -> None:
 
 def _add_interop_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint: timm encoder or full pretraining state")
-    p.add_argument("checkpoint", help="checkpoint.pt of `cmae pretrain` (or an imported one)")
-    p.add_argument("--out", required=True, help="output file (.safetensors; .pth for mae)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint.pt of `cmae pretrain` (or an imported one); onnx: anything "
+        "cmae.load_encoder reads",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file (.safetensors; .pth for mae; .onnx), or folder (hf)",
+    )
     p.add_argument(
         "--format",
-        choices=("timm", "full", "mae"),
+        choices=("timm", "full", "mae", "hf", "onnx"),
         default="timm",
         help="timm: online encoder, timm VisionTransformer names (default; a ConvViT encoder "
         "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining; "
         "mae: a .pth with {'model': encoder state dict} in timm names, as MAE released (for "
-        "detectron2 ViTDet / mmsegmentation; ViT only)",
+        "detectron2 ViTDet / mmsegmentation; ViT only); hf: a folder (config.json + "
+        "model.safetensors) that timm.create_model('local-dir:OUT', pretrained=True) and the "
+        "Hugging Face Hub load (ViT only); onnx: the encoder as ONNX, features out, dynamic batch",
     )
     p.add_argument(
-        "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"
+        "--img-size",
+        type=int,
+        default=None,
+        help="timm / hf / onnx: resample pos-embed for this input size",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("cls", "mean", "tokens"),
+        default=None,
+        help="hf / onnx: the features' pooling (default cls; tokens: onnx only)",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="USER/REPO",
+        default=None,
+        help="hf: upload the folder to this Hugging Face Hub repository (needs cmae[hub] and a "
+        "login)",
     )
     p.add_argument(
         "--branch",
