@@ -19,7 +19,7 @@ from cmae.config import (
     load_segment_config,
 )
 from cmae.data.datasets import DataError
-from cmae.eval import knn, linprobe
+from cmae.eval import features, knn, linprobe
 from cmae.interop import export, hf, onnx_export
 from cmae.interop.api import load_encoder
 from cmae.runtime.checkpoint import CheckpointError
@@ -153,6 +153,58 @@ def _export(args: argparse.Namespace) -> None:
     else:
         path = export.export_full(args.checkpoint, args.out)
     print(f"wrote {path} ({args.format})")
+
+
+def _features(args: argparse.Namespace) -> None:
+    features.run(
+        args.checkpoint,
+        args.data,
+        args.out,
+        args.img_size,
+        args.pool,
+        args.crop_pct,
+        args.batch_size,
+        args.workers,
+        args.device,
+        args.save_every,
+    )
+
+
+def _add_features_command(sub) -> None:
+    p = sub.add_parser("features", help="features of a folder of images into one safetensors file")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="anything cmae.load_encoder reads: run dir, checkpoint.pt, *.safetensors, an hf "
+        "folder, or a preset name (random weights)",
+    )
+    p.add_argument(
+        "--data", required=True, help="image folder (recursive) or list file (.txt: paths / URLs)"
+    )
+    p.add_argument("--out", required=True, help="output .safetensors (features, labels, names)")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input size (default: the pretraining size; the position embedding is resampled)",
+    )
+    p.add_argument("--pool", choices=("cls", "mean", "tokens"), default="cls")
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        default=1.0,
+        help="resize the short side to S / crop_pct, centre crop S (default 1.0)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=4096,
+        help="images per saved chunk in OUT.partial/; a rerun continues after the last one",
+    )
+    p.set_defaults(func=_features)
 
 
 def _import_official(args: argparse.Namespace) -> None:
@@ -335,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_evaluate)
     _add_segment_command(sub)
     _add_interop_commands(sub)
+    _add_features_command(sub)
     return parser
 
 
