@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -18,11 +19,13 @@ from cmae.config import (
     load_eval_config,
     load_segment_config,
 )
-from cmae.data.datasets import DataError
+from cmae.data import shards
+from cmae.data.datasets import DataError, list_images
 from cmae.eval import features, knn, linprobe
 from cmae.interop import export, hf, onnx_export
 from cmae.interop.api import load_encoder
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.progress import Progress
 from cmae.runtime.runlock import RunDirBusy
 from cmae.train import finetune, pretrain, segment
 from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
@@ -207,6 +210,32 @@ def _add_features_command(sub) -> None:
     p.set_defaults(func=_features)
 
 
+def _shards(args: argparse.Namespace) -> None:
+    size = shards.parse_size(args.shard_size)
+    n = len(list_images(Path(args.src).expanduser())) if Path(args.src).expanduser().is_dir() else 0
+    with Progress(n or None, "cmae shards") as bar:
+        written = shards.write_shards(args.src, args.out, size, args.prefix, args.seed, bar.update)
+    print(
+        f"wrote {len(written.urls)} shards, {written.total} images"
+        f"{f', {len(written.classes)} classes' if written.classes else ''}: "
+        f"--data '{shards.shard_pattern(written)}'"
+    )
+
+
+def _add_shards_command(sub) -> None:
+    p = sub.add_parser("shards", help="write WebDataset-format tar shards from an image folder")
+    p.add_argument("src", help="image folder (class folders become .cls labels)")
+    p.add_argument("out", help="output folder (shards + index.json)")
+    p.add_argument("--shard-size", default="256MB", help="bytes per shard, e.g. 256MB, 1GB")
+    p.add_argument(
+        "--prefix",
+        default="shard",
+        help="shard file names PREFIX-000000.tar (train / val for the evaluation commands)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the seeded order the images go in")
+    p.set_defaults(func=_shards)
+
+
 def _import_official(args: argparse.Namespace) -> None:
     result = export.load_official(
         args.file,
@@ -388,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_command(sub)
     _add_interop_commands(sub)
     _add_features_command(sub)
+    _add_shards_command(sub)
     return parser
 
 

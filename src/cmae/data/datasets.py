@@ -547,8 +547,24 @@ def decode_bytes(data: bytes, name: str, as_tensor: bool = False) -> Image.Image
     return pil_to_tensor(img) if as_tensor else img
 
 
+def is_shards(path: str | Path | None) -> bool:
+    """Whether ``--data`` names tar shards (a .tar path or pattern, or a ``pipe:`` command),
+    which cmae.data.shards reads."""
+    return bool(path) and (str(path).startswith("pipe:") or ".tar" in str(path))
+
+
+def refuse_shards(path: str | Path) -> None:
+    """A one-line DataError where tar shards reach a command that needs indexed images."""
+    if is_shards(path):
+        raise DataError(
+            f"{path}: tar shards are read by cmae pretrain, knn and linprobe (mode=fast) only; "
+            "here pass a folder or a list file"
+        )
+
+
 def open_images(path: str | Path, transform: Callable | None = None) -> ImageFiles | ImageList:
     """A folder (``ImageFiles``) or a list file (``ImageList``)."""
+    refuse_shards(path)
     path = Path(path).expanduser()
     if path.is_file() and is_list_file(path):
         return ImageList(path, transform)
@@ -613,6 +629,7 @@ def build_datasets(
         n_q = min(synthetic["val"], knn_queries)
         queries = InMemory(SyntheticShapes(n_q, size, s + 1_000_003, eval_transform, colors=colors))
         return train, bank, queries
+    refuse_shards(path)
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data path does not exist: {root}")
@@ -653,6 +670,7 @@ def labelled_splits(
         train = SyntheticShapes(n, size, s, train_transform, colors=colors)
         held = SyntheticShapes(synthetic["val"], size, s + 1_000_003, eval_transform, colors=colors)
         return train, held, train.classes
+    refuse_shards(path)
     root = Path(path).expanduser()
     if not (root.is_dir() or (root.is_file() and is_list_file(root))):
         raise DataError(f"data path does not exist or is not a directory or list file: {root}")

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD
-from cmae.data.datasets import labelled_splits
+from cmae.data.datasets import is_shards, labelled_splits
+from cmae.data.shards import shard_splits
 from cmae.data.views import eval_transform, normalize
 from cmae.interop.encoders import EncoderWeights, load_encoder_weights
 from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -200,7 +201,10 @@ def frozen_setup(cfg) -> FrozenSetup:  # cfg: KnnConfig or LinprobeConfig
     weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
     mean, std = eval_normalization(d.mean, d.std, weights)
     view = eval_transform(weights.img_size, d.crop_pct)
-    train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
+    if is_shards(d.path):
+        train_set, val_set, classes = shard_splits(d.path, view)
+    else:
+        train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
     cache_dir = Path(cfg.cache_dir or Path(cfg.out) / "features") if cfg.cache else None
     key = features_key(weights, d.path, d.synthetic(), d.crop_pct, mean, std, cfg.encoder.pool)
     return FrozenSetup(weights, mean, std, view, train_set, val_set, classes, cache_dir, key)
