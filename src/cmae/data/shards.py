@@ -372,6 +372,14 @@ class ShardStream(IterableDataset):
                     offset += 1
             except DataError as e:
                 print(f"cmae: {e}", file=sys.stderr, flush=True)
+            else:
+                if offset < count:
+                    print(
+                        f"cmae: shard {self.shards.urls[sid]} is corrupt or truncated: it gave "
+                        f"{offset} of the {count} samples its index counts",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             while offset < count:  # what the index promised and the shard did not give
                 yield sid, offset, None
                 offset += 1
@@ -479,22 +487,23 @@ def write_shards(
             counts.append(n)
 
     for j, i in enumerate(order):
-        data = files[i].read_bytes()
-        if tar is None or (size + len(data) > shard_size and n):
+        members = {files[i].suffix.lower().lstrip("."): files[i].read_bytes()}
+        if labelled:
+            members["cls"] = str(index[rel[i].parts[0]]).encode()
+        members["txt"] = rel[i].as_posix().encode()  # where it came from
+        # a tar record: a 512-byte header, the data padded to 512 bytes
+        record = sum(512 + math.ceil(len(v) / 512) * 512 for v in members.values())
+        if tar is None or (size + record > shard_size and n):
             close()
             path = out / f"{prefix}-{len(urls):06d}.tar"
             tar, size, n = tarfile.open(path, "w"), 0, 0
             urls.append(str(path))
         key = f"{j:0{width}d}"
-        members = {files[i].suffix.lower().lstrip("."): data}
-        if labelled:
-            members["cls"] = str(index[rel[i].parts[0]]).encode()
-        members["txt"] = rel[i].as_posix().encode()  # where it came from
         for ext, payload in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-            size += 512 + math.ceil(len(payload) / 512) * 512
+        size += record
         n += 1
         if progress is not None:
             progress(1)
