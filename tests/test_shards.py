@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from cmae.cli import main
+from cmae.config import load_config
 from cmae.data.datasets import DataError
+from cmae.data.pipeline import shard_pipeline
 from cmae.data.sampling import BadImages
 from cmae.data.shards import (
     ShardStream,
@@ -23,6 +25,7 @@ from cmae.data.shards import (
     shard_splits,
     write_shards,
 )
+from tests.conftest import tiny_overrides
 
 
 def write_folder(root, classes=("a", "b"), per_class=12, size=8, seed=0):
@@ -222,3 +225,15 @@ def test_pipe_shards_read_through_a_command(shards):
         and s.urls[0] == f"pipe:cat {str(shards).replace('{000000..000005}', '000000')}"
     )
     assert len(list(iter_samples(s.urls[0]))) == 4
+
+
+def test_shard_loader_leaves_the_global_rng_alone(shards):
+    """A new epoch's loader iterator must not draw from torch's global generator (the masks'
+    stream): a resumed run would then mask differently from an uninterrupted one."""
+    cfg = load_config(None, tiny_overrides(**{"data.path": str(shards), "data.num_workers": 1}))
+    stream, loader, first = shard_pipeline(cfg, torch.device("cpu"), 2, rank=0, world=1)
+    assert len(first) == 4 and len(loader) == len(stream) // 2
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(before, torch.get_rng_state())

@@ -128,6 +128,9 @@ def shard_pipeline(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,  # each epoch's deal and resume offset reach fresh workers
+        # the workers' base seed from a generator of its own: drawn from the global one, each
+        # epoch's new iterator would shift the masking stream, and a resume would differ
+        generator=torch.Generator().manual_seed(seed + rank),
         worker_init_fn=worker_init_fn,
         collate_fn=collate_boxes if d.resize_device else None,
     )
