@@ -237,3 +237,34 @@ def test_shard_loader_leaves_the_global_rng_alone(shards):
     before = torch.get_rng_state()
     next(iter(loader))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_pretrain_and_knn_from_shards(tmp_path, capsys):
+    write_folder(tmp_path / "ds" / "train", per_class=16, size=20)
+    write_folder(tmp_path / "ds" / "val", per_class=4, size=20, seed=1)
+    for split, prefix in (("train", "train"), ("val", "val")):
+        argv = ["shards", str(tmp_path / "ds" / split), str(tmp_path / "sh"), "--prefix", prefix]
+        assert main([*argv, "--shard-size", "8KB"]) == 0
+    pattern = capsys.readouterr().out.split("--data '")[1].split("'")[0]
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", pattern, "--out", str(run), *tiny_overrides()]
+    more = ["data.num_workers=0", "train.batch_size=8", "train.max_steps=2", "train.knn_every=0"]
+    assert main([*args, *more, "train.knn_at_end=false"]) == 0
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r][-1] == 2
+    out = tmp_path / "knn"
+    knn = ["knn", "--checkpoint", str(run / "checkpoint.pt"), "--data", pattern]
+    assert main([*knn, "--out", str(out), "data.num_workers=0", "k=3"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_train"] == 32 and res["n_val"] == 8
+    lp = [
+        "linprobe",
+        "--checkpoint",
+        str(run / "checkpoint.pt"),
+        "--data",
+        pattern,
+        "mode=full",
+        "batch_size=8",
+    ]
+    assert main([*lp, "--out", str(tmp_path / "lp")]) == 2
+    assert "tar shards are read by" in capsys.readouterr().err

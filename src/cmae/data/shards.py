@@ -558,15 +558,18 @@ class FirstSamples(Dataset):
 def shard_splits(pattern: str, transform: Callable) -> tuple[ShardImages, ShardImages, list[str]]:
     """(train, held-out, classes) for the evaluation commands: ``pattern`` names the train
     shards and has "train" in it; the held-out ones are its twin with "val" (or "test")."""
-    if "train" not in pattern:
+    token = next((t for t in pattern.split() if ".tar" in t), pattern)
+    head, _, name = token.rpartition("/")
+    if "train" not in name:
         raise DataError(
             f"{pattern}: evaluation on shards needs 'train' in the pattern and a twin with "
             "'val' (or 'test') in its place"
         )
     train = open_shards(pattern)
     held = None
-    for name in ("val", "test"):
-        twin = pattern.replace("train", name)
+    for split in ("val", "test"):
+        # only the file name changes: a folder called e.g. "pretrain" stays as it is
+        twin = pattern.replace(token, f"{head}/" * bool(head) + name.replace("train", split))
         for candidate in (twin, _listed_range(twin)):
             try:
                 held = open_shards(candidate) if candidate else None
