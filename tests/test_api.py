@@ -1,10 +1,14 @@
+import importlib.util
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from cmae import load_encoder
+from cmae.cli import main
 from cmae.config import ConfigError, to_dict
 from cmae.data.views import normalize
 from cmae.interop.export import export_full, export_timm
@@ -78,12 +82,26 @@ def test_load_encoder_preset_is_random_and_seeded():
 
 
 def python_blocks(text):
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    # blocks inside list items are indented with the item
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch):
+def test_readme_python_examples_run(tmp_path, monkeypatch, sources):
     blocks = python_blocks(README.read_text())
     assert any("load_encoder" in b for b in blocks), "README lost its Python API example"
     monkeypatch.chdir(tmp_path)  # examples may write files
+    # the files the hand-off examples read, made by the commands beside them
+    ckpt = str(sources[0]["pt"])
+    assert main(["export", ckpt, "--format", "hf", "--out", "vit-cmae"]) == 0
+    images = tmp_path / "photos" / "a"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(images / f"{i}.png")
+    args = ["--checkpoint", ckpt, "--data", "photos", "--out", "feats.safetensors"]
+    assert main(["features", *args, "--workers", "0"]) == 0
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+        blocks = [b for b in blocks if "onnxruntime" not in b]
+    else:
+        assert main(["export", ckpt, "--format", "onnx", "--out", "vit.onnx"]) == 0
     for block in blocks:
         exec(compile(block, str(README), "exec"), {"__name__": "readme_example"})

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -20,11 +21,14 @@ from cmae.config import (
     load_eval_config,
     load_segment_config,
 )
-from cmae.data.datasets import DataError
-from cmae.eval import knn, linprobe
-from cmae.interop import export
+from cmae.data import shards
+from cmae.data.datasets import DataError, list_images
+from cmae.eval import features, knn, linprobe
+from cmae.interop import export, hf, onnx_export
+from cmae.interop.api import load_encoder
 from cmae.runtime.checkpoint import CheckpointError
 from cmae.runtime.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
+from cmae.runtime.progress import Progress
 from cmae.runtime.runlock import RunDirBusy
 from cmae.train import finetune, pretrain, segment
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
@@ -122,7 +126,28 @@ def _add_segment_command(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    if args.format == "timm":
+    if args.format not in ("hf", "onnx") and (args.pool or args.push_to_hub):
+        raise ConfigError("--pool / --push-to-hub: only for --format hf (--pool: onnx too)")
+    if args.format == "hf":
+        path = hf.export_hf(
+            args.checkpoint, args.out, args.img_size, args.branch, args.pool or "cls"
+        )
+        print(
+            f"wrote {path}/ (config.json + model.safetensors); load it with "
+            f'timm.create_model("local-dir:{path}", pretrained=True)'
+        )
+        if args.push_to_hub:
+            print(f"pushed to {hf.push_to_hub(path, args.push_to_hub)}")
+        return
+    if args.format == "onnx":
+        if args.branch != "online":
+            raise ConfigError(
+                "--branch target: export it with --format timm first, then --format onnx from "
+                "that file"
+            )
+        enc = load_encoder(args.checkpoint, args.pool or "cls", img_size=args.img_size)
+        path = onnx_export.export_onnx(enc, args.out)
+    elif args.format == "timm":
         path, saved_format = export.export_encoder(
             args.checkpoint, args.out, args.img_size, args.branch
         )
@@ -145,6 +170,84 @@ def _export(args: argparse.Namespace) -> None:
     else:
         path = export.export_full(args.checkpoint, args.out)
     print(f"wrote {path} ({args.format})")
+
+
+def _features(args: argparse.Namespace) -> None:
+    features.run(
+        args.checkpoint,
+        args.data,
+        args.out,
+        args.img_size,
+        args.pool,
+        args.crop_pct,
+        args.batch_size,
+        args.workers,
+        args.device,
+        args.save_every,
+    )
+
+
+def _add_features_command(sub) -> None:
+    p = sub.add_parser("features", help="features of a folder of images into one safetensors file")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="anything cmae.load_encoder reads: run dir, checkpoint.pt, *.safetensors, an hf "
+        "folder, or a preset name (random weights)",
+    )
+    p.add_argument(
+        "--data", required=True, help="image folder (recursive) or list file (.txt: paths / URLs)"
+    )
+    p.add_argument("--out", required=True, help="output .safetensors (features, labels, names)")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input size (default: the pretraining size; the position embedding is resampled)",
+    )
+    p.add_argument("--pool", choices=("cls", "mean", "tokens"), default="cls")
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        default=1.0,
+        help="resize the short side to S / crop_pct, centre crop S (default 1.0)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=4096,
+        help="images per saved chunk in OUT.partial/; a rerun continues after the last one",
+    )
+    p.set_defaults(func=_features)
+
+
+def _shards(args: argparse.Namespace) -> None:
+    size = shards.parse_size(args.shard_size)
+    n = len(list_images(Path(args.src).expanduser())) if Path(args.src).expanduser().is_dir() else 0
+    with Progress(n or None, "cmae shards") as bar:
+        written = shards.write_shards(args.src, args.out, size, args.prefix, args.seed, bar.update)
+    print(
+        f"wrote {len(written.urls)} shards, {written.total} images"
+        f"{f', {len(written.classes)} classes' if written.classes else ''}: "
+        f"--data '{shards.shard_pattern(written)}'"
+    )
+
+
+def _add_shards_command(sub) -> None:
+    p = sub.add_parser("shards", help="write WebDataset-format tar shards from an image folder")
+    p.add_argument("src", help="image folder (class folders become .cls labels)")
+    p.add_argument("out", help="output folder (shards + index.json)")
+    p.add_argument("--shard-size", default="256MB", help="bytes per shard, e.g. 256MB, 1GB")
+    p.add_argument(
+        "--prefix",
+        default="shard",
+        help="shard file names PREFIX-000000.tar (train / val for the evaluation commands)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the seeded order the images go in")
+    p.set_defaults(func=_shards)
 
 
 def _import_official(args: argparse.Namespace) -> None:
@@ -178,19 +281,45 @@ def _plot(args: argparse.Namespace) -> None:
 
 def _add_interop_commands(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint: timm encoder or full pretraining state")
-    p.add_argument("checkpoint", help="checkpoint.pt of `cmae pretrain` (or an imported one)")
-    p.add_argument("--out", required=True, help="output file (.safetensors; .pth for mae)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint.pt of `cmae pretrain` (or an imported one); onnx: anything "
+        "cmae.load_encoder reads",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file (.safetensors; .pth for mae; .onnx), or folder (hf)",
+    )
     p.add_argument(
         "--format",
-        choices=("timm", "full", "mae"),
+        choices=("timm", "full", "mae", "hf", "onnx"),
         default="timm",
         help="timm: online encoder, timm VisionTransformer names (default; a ConvViT encoder "
         "keeps its own names); full: whole model + config (and OUT.yaml) to continue pretraining; "
         "mae: a .pth with {'model': encoder state dict} in timm names, as MAE released (for "
-        "detectron2 ViTDet / mmsegmentation; ViT only)",
+        "detectron2 ViTDet / mmsegmentation; ViT only); hf: a folder (config.json + "
+        "model.safetensors) that timm.create_model('local-dir:OUT', pretrained=True) and the "
+        "Hugging Face Hub load (ViT only); onnx: the encoder as ONNX, features out, dynamic batch",
     )
     p.add_argument(
-        "--img-size", type=int, default=None, help="timm: resample pos-embed for this input size"
+        "--img-size",
+        type=int,
+        default=None,
+        help="timm / hf / onnx: resample pos-embed for this input size",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("cls", "mean", "tokens"),
+        default=None,
+        help="hf / onnx: the features' pooling (default cls; tokens: onnx only)",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="USER/REPO",
+        default=None,
+        help="hf: upload the folder to this Hugging Face Hub repository (needs cmae[hub] and a "
+        "login)",
     )
     p.add_argument(
         "--branch",
@@ -301,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_evaluate)
     _add_segment_command(sub)
     _add_interop_commands(sub)
+    _add_features_command(sub)
+    _add_shards_command(sub)
     return parser
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -299,13 +302,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` to an upright RGB image, or raise DataError naming the file and why."""
+def load_rgb(path: Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Decode ``path`` (or an open binary file, named ``name`` in errors) to an upright RGB
+    image, or raise DataError naming the file and why."""
+    label = name if name is not None else path
     try:
         with Image.open(path) as im:
             w, h = im.size
             if min(w, h) < MIN_IMAGE_SIDE:
-                raise DataError(f"image {path} is {w}x{h}: too small to crop")
+                raise DataError(f"image {label} is {w}x{h}: too small to crop")
             if im.format == "JPEG" and w * h > LARGE_IMAGE_PIXELS:
                 scale = min(w, h) / DRAFT_SIDE
                 im.draft(im.mode, (int(w / scale), int(h / scale)))
@@ -314,11 +319,11 @@ def load_rgb(path: Path) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise DataError(
-            f"image {path} exceeds PIL's decompression-bomb limit ({e}); raise "
+            f"image {label} exceeds PIL's decompression-bomb limit ({e}); raise "
             "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
         ) from e
     except Exception as e:  # noqa: BLE001 - any decoder failure is reported with its path
-        raise DataError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {label}: {e}") from e
 
 
 def load_image(path: Path, as_tensor: bool = False) -> Image.Image | Tensor:
@@ -424,6 +429,145 @@ class ImageFiles(Dataset):
         img = load_image(self.files[i], self.as_tensor)
         return (self.transform(img) if self.transform else img), self.labels[i]
 
+    @property
+    def names(self) -> list[str]:
+        """Each image's path relative to ``root`` (what ``cmae features`` stores)."""
+        return [f.relative_to(self.root).as_posix() for f in self.files]
+
+
+# ---------------------------------------------------------------------------------------------
+# a file of paths or URLs
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+URL_SCHEMES = ("http://", "https://", "file://")
+URL_TIMEOUT = 60  # seconds per fetch; a stalled server is then a bad image, not a hang
+
+
+def is_list_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in LIST_SUFFIXES
+
+
+def read_list(list_file: Path) -> tuple[list[str], list[str | None]]:
+    """(entries, class names or None) of a list file: one image a line, a local path (relative
+    to the list file's folder, ``~`` expanded) or a URL; an optional class name after a tab;
+    blank lines and lines starting with ``#`` skipped."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read list file {list_file}: {e}") from e
+    entries, classes = [], []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        item, _, cls = line.rstrip("\r").partition("\t")
+        item = item.strip()
+        if not item.startswith(URL_SCHEMES):
+            path = Path(item).expanduser()
+            item = str(path if path.is_absolute() else list_file.parent / path)
+        entries.append(item)
+        classes.append(cls.strip() or None)
+    return entries, classes
+
+
+def fetch(url: str) -> bytes:
+    """The bytes at ``url`` (http, https, file), or DataError naming it."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT) as r:
+            return r.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
+        raise DataError(f"cannot fetch {url}: {e}") from e
+
+
+class ImageList(Dataset):
+    """The images a list file names (``read_list``). URLs are fetched when read (never
+    cached: put a folder or shards on fast storage for repeated epochs). The label is the
+    class after a tab, else the image's parent folder name (``.../cat/001.jpg`` -> ``cat``),
+    as an index into the sorted class names; -1 where a list has one class or none.
+
+    Same interface as ``ImageFiles``: ``labels``, ``classes``, ``names`` (the lines' entries),
+    ``takes_tensor`` transforms get a uint8 tensor; an unreadable or unreachable image raises
+    DataError (so data.max_bad_fraction applies, as to a bad file in a folder).
+    """
+
+    def __init__(self, list_file: str | Path, transform: Callable | None = None) -> None:
+        self.root = Path(list_file).expanduser()
+        if not self.root.is_file():
+            raise DataError(f"list file does not exist: {self.root}")
+        self.entries, given = read_list(self.root)
+        if not self.entries:
+            raise DataError(f"list file {self.root} names no images")
+        local = [Path(e) for e in self.entries if not e.startswith(URL_SCHEMES)]
+        missing = [p for p in local if not p.is_file()]
+        if missing:
+            raise DataError(
+                f"list file {self.root}: {len(missing)} of {len(self.entries)} local paths do "
+                f"not exist, e.g. {missing[0]}"
+            )
+        if len(local) == len(self.entries):
+            check_readable(local, self.root)
+        names = [
+            c if c is not None else _parent_name(e)
+            for e, c in zip(self.entries, given, strict=True)
+        ]
+        self.classes = sorted(set(names))
+        if len(self.classes) < 2:
+            self.classes, self.labels = [], [-1] * len(self.entries)
+        else:
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[c] for c in names]
+        self.transform = transform
+        self.as_tensor = bool(getattr(transform, "takes_tensor", False))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        entry = self.entries[i]
+        if entry.startswith(URL_SCHEMES):
+            img = decode_bytes(fetch(entry), entry, self.as_tensor)
+        else:
+            img = load_image(Path(entry), self.as_tensor)
+        return (self.transform(img) if self.transform else img), self.labels[i]
+
+
+def _parent_name(entry: str) -> str:
+    return PurePosixPath(urllib.parse.urlparse(entry).path if "://" in entry else entry).parent.name
+
+
+def decode_bytes(data: bytes, name: str, as_tensor: bool = False) -> Image.Image | Tensor:
+    """An encoded image in memory (a fetched URL, a tar member) -> upright RGB PIL image or
+    uint8 [3, H, W] tensor; DataError naming ``name`` when it cannot be decoded."""
+    img = load_rgb(io.BytesIO(data), name)
+    return pil_to_tensor(img) if as_tensor else img
+
+
+def is_shards(path: str | Path | None) -> bool:
+    """Whether ``--data`` names tar shards (a .tar path or pattern, or a ``pipe:`` command),
+    which cmae.data.shards reads."""
+    return bool(path) and (str(path).startswith("pipe:") or ".tar" in str(path))
+
+
+def refuse_shards(path: str | Path) -> None:
+    """A one-line DataError where tar shards reach a command that needs indexed images."""
+    if is_shards(path):
+        raise DataError(
+            f"{path}: tar shards are read by cmae pretrain, knn and linprobe (mode=fast) only; "
+            "here pass a folder or a list file"
+        )
+
+
+def open_images(path: str | Path, transform: Callable | None = None) -> ImageFiles | ImageList:
+    """A folder (``ImageFiles``) or a list file (``ImageList``)."""
+    refuse_shards(path)
+    path = Path(path).expanduser()
+    if path.is_file() and is_list_file(path):
+        return ImageList(path, transform)
+    return ImageFiles(path, transform)
+
 
 class Subset(Dataset):
     """Indices into a dataset, keeping ``labels``."""
@@ -440,7 +584,17 @@ class Subset(Dataset):
 
 
 def split_dirs(root: Path) -> tuple[Path, Path | None]:
-    """(train dir, held-out dir or None) for ``root`` with train/ and val/ or test/ inside."""
+    """(train dir, held-out dir or None) for ``root`` with train/ and val/ or test/ inside;
+    for a list file with "train" in its name, itself and its twin with "val" (or "test") in
+    place of "train" beside it (``train.txt`` -> ``val.txt``, ``cifar_train.txt`` ->
+    ``cifar_test.txt``), when there is one."""
+    if root.is_file():
+        if "train" in root.name:
+            for name in ("val", "test"):
+                twin = root.with_name(root.name.replace("train", name))
+                if twin.is_file():
+                    return root, twin
+        return root, None
     if (root / "train").is_dir():
         for name in ("val", "test"):
             if (root / name).is_dir():
@@ -473,17 +627,18 @@ def build_datasets(
         n_q = min(synthetic["val"], knn_queries)
         queries = InMemory(SyntheticShapes(n_q, size, s + 1_000_003, eval_transform, colors=colors))
         return train, bank, queries
+    refuse_shards(path)
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data path does not exist: {root}")
     train_dir, held_dir = split_dirs(root)
-    train = ImageFiles(train_dir, pretrain_transform)
+    train = open_images(train_dir, pretrain_transform)
     if len(train.classes) < 2:
         return train, None, None  # unlabelled: no kNN check
     rng = np.random.default_rng(seed)
-    bank_all = ImageFiles(train_dir, eval_transform)
+    bank_all = open_images(train_dir, eval_transform)
     if held_dir is not None:
-        held = ImageFiles(held_dir, eval_transform)
+        held = open_images(held_dir, eval_transform)
         if held.classes != bank_all.classes:
             raise DataError(f"class folders of {held_dir} differ from those of {train_dir}")
         q_idx = rng.permutation(len(held))[:knn_queries].tolist()
@@ -513,13 +668,17 @@ def labelled_splits(
         train = SyntheticShapes(n, size, s, train_transform, colors=colors)
         held = SyntheticShapes(synthetic["val"], size, s + 1_000_003, eval_transform, colors=colors)
         return train, held, train.classes
+    refuse_shards(path)
     root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data path does not exist or is not a directory: {root}")
+    if not (root.is_dir() or (root.is_file() and is_list_file(root))):
+        raise DataError(f"data path does not exist or is not a directory or list file: {root}")
     train_dir, held_dir = split_dirs(root)
     if held_dir is None:
-        raise DataError(f"{root}: evaluation needs train/ and val/ (or test/) class folders")
-    train, held = ImageFiles(train_dir, train_transform), ImageFiles(held_dir, eval_transform)
+        raise DataError(
+            f"{root}: evaluation needs train/ and val/ (or test/) class folders, or a list "
+            "file whose name has 'train' with a 'val' (or 'test') twin beside it"
+        )
+    train, held = open_images(train_dir, train_transform), open_images(held_dir, eval_transform)
     if len(train.classes) < 2 or -1 in train.labels or -1 in held.labels:
         raise DataError(f"{root}: train/ and {held_dir.name}/ must hold one folder per class")
     if held.classes != train.classes:

@@ -3,15 +3,21 @@ the parts that run on the training device, and the batch's way onto it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.utils.data import DataLoader
 
 from cmae.config import Config
+from cmae.data.datasets import loader_workers
+from cmae.data.shards import FirstSamples, ShardStream, open_shards
 from cmae.data.views import (
     CropBoxes,
     DeviceTargetColor,
     DeviceViews,
     PixelShiftViews,
     SingleView,
+    collate_boxes,
     normalize,
     target_color_transform,
 )
@@ -97,3 +103,35 @@ def to_device(
     if target_color is not None:
         views[1] = target_color(views[1])
     return [normalize(v, mean, std) for v in views]
+
+
+def shard_pipeline(
+    cfg: Config,
+    device: torch.device,
+    batch_size: int,
+    rank: int,
+    world: int,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> tuple[ShardStream, DataLoader, FirstSamples]:
+    """Pretraining from streamed shards (``data.path`` a shard pattern, cmae.data.shards):
+    (the stream, which is also the loader's epoch / resume handle like ``EpochSampler``, its
+    loader of ``batch_size`` per rank, the first samples for the reconstruction grid)."""
+    d, seed = cfg.data, cfg.train.seed
+    shards = open_shards(d.path)
+    views = build_views(cfg, workers_part=True)
+    workers = loader_workers(d.num_workers)
+    stream = ShardStream(shards, views, seed, batch_size, workers, rank, world)
+    loader = DataLoader(
+        stream,
+        batch_size=batch_size,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,  # each epoch's deal and resume offset reach fresh workers
+        # the workers' base seed from a generator of its own: drawn from the global one, each
+        # epoch's new iterator would shift the masking stream, and a resume would differ
+        generator=torch.Generator().manual_seed(seed + rank),
+        worker_init_fn=worker_init_fn,
+        collate_fn=collate_boxes if d.resize_device else None,
+    )
+    return stream, loader, FirstSamples(shards, views)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from cmae.data.views import normalize
 from cmae.eval.frozen import topk_accuracy
 from cmae.models.convvit import ConvViTClassifier
+from cmae.runtime.progress import optional_progress
 
 BETAS = (0.9, 0.999)
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop, timm / MAE default
@@ -127,13 +128,17 @@ def evaluate(
     device: torch.device,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    progress: str | None = "cmae finetune: evaluation",
 ) -> tuple[float, float]:
-    """(top-1, top-5) in percent on ``loader``."""
+    """(top-1, top-5) in percent on ``loader``; ``progress``: the label of its progress
+    (a pass over a few seconds shows one; None: silent)."""
     model.eval()
     logits: list[Tensor] = []
     labels: list[Tensor] = []
-    for imgs, y in loader:
-        logits.append(model(normalize(imgs.to(device, non_blocking=True), mean, std)).cpu())
-        labels.append(torch.as_tensor(y))
+    with optional_progress(loader.dataset, progress) as bar:
+        for imgs, y in loader:
+            logits.append(model(normalize(imgs.to(device, non_blocking=True), mean, std)).cpu())
+            labels.append(torch.as_tensor(y))
+            bar.update(len(y))
     top1, top5 = topk_accuracy(torch.cat(logits).float(), torch.cat(labels))
     return top1, top5

@@ -17,10 +17,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD
-from cmae.data.datasets import labelled_splits
+from cmae.data.datasets import is_shards, labelled_splits
+from cmae.data.shards import shard_splits
 from cmae.data.views import eval_transform, normalize
 from cmae.interop.encoders import EncoderWeights, load_encoder_weights
 from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_text
+from cmae.runtime.progress import optional_progress
 
 
 @torch.no_grad()
@@ -35,11 +37,13 @@ def extract_features(
     num_workers: int = 0,
     l2_normalize: bool = True,
     worker_init_fn: Callable[[int], None] | None = None,
+    progress: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Features [N, D] (cls token or mean of patch tokens; L2-normalised unless told not to)
     and labels [N], on the CPU. ``worker_init_fn``: inside a training run, its
     ``StopSignals.worker_init_fn`` (the loader's workers then outlive a stop signal sent to
-    the whole process group while the main process finishes and saves)."""
+    the whole process group while the main process finishes and saves). ``progress``: the
+    label of a progress bar / log lines with an ETA (None: silent, as the training monitor)."""
     if pool not in ("mean", "cls"):
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
     was_training = encoder.training
@@ -52,11 +56,13 @@ def extract_features(
         worker_init_fn=worker_init_fn,
     )
     feats, labels = [], []
-    for imgs, y in loader:
-        x = encoder(normalize(imgs.to(device, non_blocking=True), mean, std))  # [N, 1+L, D]
-        f = pool_tokens(x, pool).float()
-        feats.append((F.normalize(f, dim=1) if l2_normalize else f).cpu())
-        labels.append(torch.as_tensor(y))
+    with optional_progress(dataset, progress) as bar:
+        for imgs, y in loader:
+            x = encoder(normalize(imgs.to(device, non_blocking=True), mean, std))  # [N, 1+L, D]
+            f = pool_tokens(x, pool).float()
+            feats.append((F.normalize(f, dim=1) if l2_normalize else f).cpu())
+            labels.append(torch.as_tensor(y))
+            bar.update(len(f))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
@@ -87,9 +93,11 @@ def cached_features(
     batch_size: int,
     num_workers: int,
     cache_file: Path | None,
+    progress: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Raw (un-normalised) pooled features [N, D] and labels [N]: read from ``cache_file`` when
-    it exists, else extracted and written there (``None``: no cache)."""
+    it exists, else extracted and written there (``None``: no cache); ``progress`` as in
+    ``extract_features``."""
     if cache_file is not None and cache_file.is_file():
         try:
             entry = load_checkpoint(cache_file)
@@ -98,7 +106,16 @@ def cached_features(
         except (CheckpointError, KeyError, TypeError):
             pass  # unreadable or foreign file: extract again and overwrite it
     feats, labels = extract_features(
-        encoder, dataset, device, mean, std, pool, batch_size, num_workers, l2_normalize=False
+        encoder,
+        dataset,
+        device,
+        mean,
+        std,
+        pool,
+        batch_size,
+        num_workers,
+        l2_normalize=False,
+        progress=progress,
     )
     if cache_file is not None:
         save_checkpoint({"features": feats, "labels": labels}, cache_file)
@@ -117,13 +134,16 @@ def frozen_features(
     num_workers: int,
     cache_dir: Path | None,
     key: str,
+    command: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(train features, train labels, val features, val labels), raw, through the cache."""
+    """(train features, train labels, val features, val labels), raw, through the cache;
+    ``command`` (e.g. "cmae knn") labels the progress of each extraction."""
     out = []
     for split, dataset in (("train", train_set), ("val", val_set)):
         cache_file = feature_cache_file(cache_dir, key, split)
+        label = f"{command}: {split} features" if command else None
         out += cached_features(
-            encoder, dataset, device, mean, std, pool, batch_size, num_workers, cache_file
+            encoder, dataset, device, mean, std, pool, batch_size, num_workers, cache_file, label
         )
     return tuple(out)
 
@@ -181,7 +201,10 @@ def frozen_setup(cfg) -> FrozenSetup:  # cfg: KnnConfig or LinprobeConfig
     weights = load_encoder_weights(cfg.encoder.checkpoint, cfg.encoder.preset, cfg.seed)
     mean, std = eval_normalization(d.mean, d.std, weights)
     view = eval_transform(weights.img_size, d.crop_pct)
-    train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
+    if is_shards(d.path):
+        train_set, val_set, classes = shard_splits(d.path, view)
+    else:
+        train_set, val_set, classes = labelled_splits(d.path, view, view, d.synthetic())
     cache_dir = Path(cfg.cache_dir or Path(cfg.out) / "features") if cfg.cache else None
     key = features_key(weights, d.path, d.synthetic(), d.crop_pct, mean, std, cfg.encoder.pool)
     return FrozenSetup(weights, mean, std, view, train_set, val_set, classes, cache_dir, key)

@@ -99,6 +99,7 @@ def run(cfg: KnnConfig) -> dict:
         loader_workers(d.num_workers),
         cache_dir,
         key,
+        "cmae knn",
     )
     bank, q = F.normalize(bank, dim=1).to(device), F.normalize(q, dim=1).to(device)
     scores = knn_predict(bank, bank_y.to(device), q, len(classes), cfg.k, cfg.temperature)

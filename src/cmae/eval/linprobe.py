@@ -18,7 +18,6 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
 from cmae.data.datasets import labelled_splits, loader_workers
@@ -35,6 +34,7 @@ from cmae.eval.frozen import (
 from cmae.interop.encoders import build_vit_encoder
 from cmae.runtime.device import resolve_device, seed_everything
 from cmae.runtime.optim import cosine_lr
+from cmae.runtime.progress import Progress
 
 # MAE linear-probe augmentation (torchvision RandomResizedCrop defaults) and optimizer momentum
 PROBE_CROP_SCALE = (0.08, 1.0)
@@ -101,7 +101,7 @@ def train_heads(
     n_heads = len(heads.heads)
     heads.train()
     step = 0
-    bar = tqdm(total=total, desc="linprobe", dynamic_ncols=True)
+    bar = Progress(total, "cmae linprobe: training heads", unit="step")
     for _ in range(epochs):
         epoch_loss, n = torch.zeros(n_heads, device=heads.norm.running_mean.device), 0
         for x, y in batches():
@@ -193,6 +193,7 @@ def run(cfg: LinprobeConfig) -> dict:
             workers,
             cache_dir,
             key,
+            "cmae linprobe",
         )
         x_tr, y_tr = x_tr.to(device), y_tr.to(device)
         if cfg.lr_from == "train":  # choose on a part of train; the held-out split scores once
@@ -214,7 +215,16 @@ def run(cfg: LinprobeConfig) -> dict:
     else:
         val_file = feature_cache_file(cache_dir, key, "val")
         x_va, y_va = cached_features(
-            encoder, val_set, device, mean, std, pool, EXTRACT_BATCH, workers, val_file
+            encoder,
+            val_set,
+            device,
+            mean,
+            std,
+            pool,
+            EXTRACT_BATCH,
+            workers,
+            val_file,
+            "cmae linprobe: val features",
         )
         augment = crop_flip(weights.img_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO, 0.5)
         aug_set, _, _ = labelled_splits(d.path, augment, view, d.synthetic())

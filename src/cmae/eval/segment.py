@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cmae.data.segmentation import IGNORE, SegValSet
 from cmae.models.upernet import UperNet
 from cmae.runtime.distributed import is_distributed, rank, world_size
+from cmae.runtime.progress import optional_progress
 
 # ---------------------------------------------------------------------------------------------
 # inference and metrics
@@ -109,11 +110,13 @@ def evaluate(
     amp: torch.dtype | None,
     workers: int,
     worker_init_fn: Callable[[int], None] | None = None,
+    progress: str | None = "cmae segment: evaluation",
 ) -> Tensor:
     """The confusion matrix over the whole validation split; each rank takes every
     world_size-th image and the counts are summed across ranks. ``worker_init_fn``: the
     training run's ``StopSignals.worker_init_fn`` (its workers outlive a stop signal sent to
-    the whole process group while the run finishes the evaluation and saves)."""
+    the whole process group while the run finishes the evaluation and saves). ``progress``:
+    the label of rank 0's progress (a pass over a few seconds shows one; None: silent)."""
     was_training = model.training
     model.eval()
     mine = Subset(val_set, list(range(rank(), len(val_set), world_size())))
@@ -126,11 +129,15 @@ def evaluate(
     )
     conf = torch.zeros(model.num_classes, model.num_classes, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    for img, label, _ in loader:
-        with autocast:
-            logits = slide_logits(model, img.to(device), crop, stride)
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1)[0], label[0].to(device), model.num_classes)
+    with optional_progress(mine, progress if rank() == 0 else None) as bar:
+        for img, label, _ in loader:
+            with autocast:
+                logits = slide_logits(model, img.to(device), crop, stride)
+            logits = F.interpolate(
+                logits, size=label.shape[-2:], mode="bilinear", align_corners=False
+            )
+            conf += confusion_matrix(logits.argmax(1)[0], label[0].to(device), model.num_classes)
+            bar.update(1)
     if is_distributed():
         dist.all_reduce(conf)
     model.train(was_training)

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD, load_config
 from cmae.data.views import normalize
-from cmae.interop.encoders import build_vit_encoder, load_encoder_weights
-from cmae.interop.export import FORMAT_FULL, load_model, safetensors_metadata
+from cmae.interop.encoders import at_img_size, build_vit_encoder, load_encoder_weights
+from cmae.interop.export import safetensors_metadata
+from cmae.interop.hf import WEIGHTS_NAME
 from cmae.models.convvit import ConvViT
 from cmae.models.vit import ViTEncoder
 from cmae.runtime.checkpoint import CheckpointError
@@ -54,8 +55,8 @@ class Encoder(nn.Module):
         if tuple(images.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(
                 f"expected {self.img_size}x{self.img_size} images (the position embedding's "
-                f"size), got {images.shape[-2]}x{images.shape[-1]}; resize first, or export "
-                "with `cmae export --img-size`"
+                f"size), got {images.shape[-2]}x{images.shape[-1]}; resize first, or load with "
+                "load_encoder(..., img_size=N)"
             )
         if images.dtype == torch.uint8:
             images = normalize(images, self.mean, self.std)
@@ -72,32 +73,35 @@ def _check_pool(pool: str) -> None:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
-def load_encoder(source: str | Path = "quick", pool: str = "cls", seed: int = 0) -> Encoder:
+def load_encoder(
+    source: str | Path = "quick", pool: str = "cls", seed: int = 0, img_size: int | None = None
+) -> Encoder:
     """A pretrained (or random) encoder in eval mode.
 
     ``source``: a ``cmae pretrain`` run directory or its checkpoint.pt, an imported checkpoint,
-    an ``encoder.safetensors`` (timm names; a ConvViT's own names) or a ``full`` export;
-    anything else is taken as a preset name (``quick``, ``tiny``, ``vit_base``,
-    ``convvit_tiny``, ...) and gives a randomly initialised encoder of that preset (seeded by
-    ``seed``).
+    an ``encoder.safetensors`` (timm names; a ConvViT's own names), a ``full`` export or a
+    ``--format hf`` folder; anything else is taken as a preset name (``quick``, ``tiny``,
+    ``vit_base``, ``convvit_tiny``, ...) and gives a randomly initialised encoder of that
+    preset (seeded by ``seed``). ``img_size``: the input size to take (default: the size it
+    was pretrained at); the position embedding is resampled bicubically for it, as timm does
+    (``cmae.interop.encoders.at_img_size``).
     """
     path = Path(source).expanduser()
     if path.is_dir() and (path / "checkpoint.pt").is_file():
         path = path / "checkpoint.pt"
+    elif path.is_dir() and (path / WEIGHTS_NAME).is_file():
+        path = path / WEIGHTS_NAME
     if not (path.suffix in (".pt", ".pth", ".safetensors") or path.is_file()):
         cfg = load_config(str(source))
         weights = load_encoder_weights("random", preset=str(source), seed=seed)
-        return Encoder(build_vit_encoder(weights), cfg.data.mean, cfg.data.std, pool).eval()
-    mean = std = None
-    if path.suffix == ".safetensors":
-        meta = safetensors_metadata(path)
-        if meta.get("format") == FORMAT_FULL:
-            model, cfg = load_model(path)
-            return Encoder(model.encoder, cfg.data.mean, cfg.data.std, pool).eval()
-        mean, std = _json_stats(meta)
-    weights = load_encoder_weights(str(path))
-    mean = weights.mean or mean or IMAGENET_MEAN
-    std = weights.std or std or IMAGENET_STD
+        mean, std = cfg.data.mean, cfg.data.std
+    else:
+        meta = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+        weights = load_encoder_weights(str(path))
+        json_mean, json_std = _json_stats(meta)
+        mean = weights.mean or json_mean or IMAGENET_MEAN
+        std = weights.std or json_std or IMAGENET_STD
+    weights = at_img_size(weights, img_size)
     return Encoder(build_vit_encoder(weights), mean, std, pool).eval()
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from timm.layers import trunc_normal_
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -189,6 +189,32 @@ def _json_meta(meta: dict[str, str], key: str, path: Path):
         return json.loads(meta[key]) if meta.get(key) else None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON: {e}") from e
+
+
+def at_img_size(weights: EncoderWeights, img_size: int | None) -> EncoderWeights:
+    """``weights`` for ``img_size`` x ``img_size`` input (None: unchanged): a ViT's position
+    embedding resampled bicubically by timm's ``resample_abs_pos_embed`` (cls position kept),
+    which is what ``timm.create_model(..., img_size=N, pretrained=True)`` does on loading; a
+    ConvViT's fixed sin-cos one recomputed for the new grid."""
+    if img_size is None or img_size == weights.img_size:
+        return weights
+    if img_size <= 0 or img_size % weights.patch_size:
+        raise ConfigError(
+            f"img_size: {img_size} must be a positive multiple of the patch size "
+            f"{weights.patch_size}"
+        )
+    grid = img_size // weights.patch_size
+    pos = weights.state["pos_embed"]  # [1, 1 + g*g, D]
+    if weights.encoder in CONVVIT_SIZES:
+        new = sincos_pos_embed(pos.shape[-1], grid)[None].to(pos.dtype)
+    else:
+        old = math.isqrt(pos.shape[1] - 1)
+        new = resample_abs_pos_embed(pos, new_size=[grid, grid], old_size=[old, old])
+    return weights._replace(
+        state={**weights.state, "pos_embed": new.contiguous()},
+        img_size=img_size,
+        source_id=f"{weights.source_id}:img_size={img_size}",
+    )
 
 
 def build_vit_encoder(weights: EncoderWeights) -> ViTEncoder | ConvViT:

@@ -19,8 +19,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from cmae.config import Config, ConfigError, TrainConfig, to_dict
-from cmae.data.datasets import DataError, InMemory, build_datasets, loader_workers
-from cmae.data.pipeline import build_device_color, build_device_views, build_views, to_device
+from cmae.data.datasets import DataError, InMemory, build_datasets, is_shards, loader_workers
+from cmae.data.pipeline import (
+    build_device_color,
+    build_device_views,
+    build_views,
+    shard_pipeline,
+    to_device,
+)
 from cmae.data.sampling import BadImages, EpochSampler, SeededSamples
 from cmae.data.views import DeviceTargetColor, DeviceViews, collate_boxes, eval_transform
 from cmae.eval.knn import knn_eval
@@ -195,6 +201,15 @@ def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int]
     """``worker_init_fn``: ``TrainingJob.worker_init_fn`` (the workers ignore stop signals
     until the run ends)."""
     t, d = cfg.train, cfg.data
+    if is_shards(d.path):  # streamed tar shards: no kNN monitor, no index sampler
+        batch = local_batch_size(
+            t.batch_size, world_size(), t.accum_steps, cfg.model.method == "cmae"
+        )
+        stream, loader, first = shard_pipeline(
+            cfg, device, batch, rank(), world_size(), worker_init_fn
+        )
+        color, views = build_device_color(cfg), build_device_views(cfg)
+        return Data(stream, None, None, first, stream, loader, color, views)
     train_set, bank_set, query_set = build_datasets(
         d.path,
         build_views(cfg, workers_part=True),
