@@ -25,8 +25,7 @@ import timm
 
 from cmae.config import ConfigError
 from cmae.interop.export import _write_encoder, load_pretraining_state
-from cmae.models.convvit import CONVVIT_SIZES
-from cmae.models.vit import vit_size
+from cmae.models.sizes import CONVVIT_SIZES, vit_size
 from cmae.runtime.checkpoint import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"  # the names timm's local-dir / hf-hub loaders look for
