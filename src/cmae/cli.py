@@ -22,6 +22,7 @@ from cmae.data.datasets import DataError
 from cmae.eval import knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.distributed import PeerFailed, is_peer_failure, peer_failure, record_exit
 from cmae.runtime.runlock import RunDirBusy
 from cmae.train import finetune, pretrain, segment
 from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
@@ -39,7 +40,16 @@ def _pretrain(args: argparse.Namespace) -> None:
             overrides.append(f"data.path={args.data}")
         if args.out is not None:
             overrides.append(f"train.out={args.out}")
-        pretrain.run(load_config(args.config, overrides))
+        cfg = load_config(args.config, overrides)
+        try:
+            pretrain.run(cfg)
+        except RuntimeError as e:  # a failed collective is one (DistError included)
+            if not is_peer_failure(e):
+                raise
+            # torchrun signals the survivors next: nothing is left to save, leave at once
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            raise peer_failure(e, cfg.train.out, "cmae pretrain") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -308,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         args.func(args)
-    except Preempted:  # a stop signal; the state is saved and the message printed
+    except Preempted as e:  # a stop signal; the state is saved and the message printed
+        record_exit(str(e))
+        return EXIT_PREEMPTED
+    except PeerFailed as e:
+        # the exit code of a stop: torchrun restarts the job (--max-restarts), a script reruns
+        if e.report:
+            _say(f"cmae {args.command}: {e}")
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C: what was saved stays; 128 + SIGINT, as shells report
         resume = " (it resumes from the last checkpoint)" if args.command == "pretrain" else ""
@@ -328,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteError,
         RunDirBusy,
     ) as e:
+        record_exit(f"error: {e}")
         _say(f"cmae {args.command}: error: {e}")
         return 2
     return 0
