@@ -143,6 +143,9 @@ class TrainConfig:
     keep_every_epochs: int = 0  # also keep, for good, those of every N-th epoch (0: none)
     max_bad_steps: int = 20  # consecutive NaN/Inf steps (each skipped) that stop the run
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise resume on GPU
+    # seconds a collective waits for a silent rank before the job fails (the process-group
+    # timeout; with NCCL the process is then torn down): bounds the hang after a rank dies
+    dist_timeout: float = 1800.0
 
 
 @dataclass
@@ -293,6 +296,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
     if t.min_lr < 0:
         raise ConfigError(f"train.min_lr: must be >= 0, got {t.min_lr}")
+    if not 1 <= t.dist_timeout <= 7 * 86400:
+        raise ConfigError(
+            f"train.dist_timeout: seconds, must be in [1, 604800], got {t.dist_timeout}"
+        )
     if t.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
     if t.wd_exempt not in ("reference", "1d"):

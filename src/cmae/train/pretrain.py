@@ -244,7 +244,7 @@ def setup_process(cfg: Config) -> tuple[torch.device, Path]:
     """Join the process group (under torchrun; only rank 0 prints and writes files), set
     threads, allocator, determinism and seeds."""
     t = cfg.train
-    device = setup_distributed(resolve_device(t.device))
+    device = setup_distributed(resolve_device(t.device), t.dist_timeout)
     out_dir = Path(t.out)
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
