@@ -31,28 +31,21 @@ from cmae.viz.visualize import visualize_files
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    # a stop signal before the run installs its own handler (config, data probing, model
-    # building) ends the start-up with a message and exit 75, like one during training
-    previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.out is not None:
+        overrides.append(f"train.out={args.out}")
+    cfg = load_config(args.config, overrides)
     try:
-        overrides = list(args.overrides)
-        if args.data is not None:
-            overrides.append(f"data.path={args.data}")
-        if args.out is not None:
-            overrides.append(f"train.out={args.out}")
-        cfg = load_config(args.config, overrides)
-        try:
-            pretrain.run(cfg)
-        except RuntimeError as e:  # a failed collective is one (DistError included)
-            if not is_peer_failure(e):
-                raise
-            # torchrun signals the survivors next: nothing is left to save, leave at once
-            for s in STOP_SIGNALS:
-                signal.signal(s, signal.SIG_IGN)
-            raise peer_failure(e, cfg.train.out, "cmae pretrain") from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        pretrain.run(cfg)
+    except RuntimeError as e:  # a failed collective is one (DistError included)
+        if not is_peer_failure(e):
+            raise
+        # torchrun signals the survivors next: nothing is left to save, leave at once
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise peer_failure(e, cfg.train.out, "cmae pretrain") from None
 
 
 class StoppedInStartup(Exception):
@@ -314,8 +307,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+TRAINING_COMMANDS = ("pretrain", "finetune", "segment")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a stop signal before a training command installs its own handler (config, data probing,
+    # model building) ends the start-up with a message and exit 75, like one during training;
+    # the other commands keep the signals' default action
+    startup = _stopped_in_startup if args.command in TRAINING_COMMANDS else signal.SIG_DFL
+    previous = {s: signal.signal(s, startup) for s in STOP_SIGNALS}
+    try:
+        return _run(args)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except Preempted as e:  # a stop signal; the state is saved and the message printed
