@@ -54,6 +54,7 @@ COMMANDS = {
         *extra,
     ]
 }
+WORLD = 2  # ranks of the job
 MOMENTS = ("step", "checkpoint-write", "knn-monitor")
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 
@@ -94,7 +95,8 @@ class Watch:
                 if item.startswith(b"RANK="):
                     found[int(item[5:])] = pid
         pids = tuple(sorted(found.values()))
-        if pids and (not self.generations or self.generations[-1] != pids):
+        # a full set of new workers is an attempt (not the moments when one has died)
+        if len(pids) == WORLD and (not self.generations or self.generations[-1] != pids):
             self.generations.append(pids)
         return found
 
@@ -127,7 +129,7 @@ def torchrun(out: Path, argv: list[str], restarts: int) -> subprocess.Popen:
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={WORLD}",
         f"--max-restarts={restarts}",
         "--monitor-interval=0.2",
         "-m",
@@ -143,7 +145,7 @@ def inject(watch: Watch, fault: Fault, steps_per_epoch: int, deadline: float) ->
     while watch.torchrun.poll() is None and time.monotonic() < deadline:
         ranks = watch.ranks()
         step = watch.last_step()
-        if len(ranks) < 2 or step < fault.step:
+        if len(ranks) < WORLD or step < fault.step:
             time.sleep(0.02)
             continue
         if fault.moment == "step":
@@ -173,7 +175,7 @@ def wait_restarted(watch: Watch, before: tuple[int, ...], deadline: float) -> No
     """Until torchrun has started the next attempt (new worker pids) and it logged a step."""
     while watch.torchrun.poll() is None and time.monotonic() < deadline:
         ranks = watch.ranks()
-        if len(ranks) == 2 and tuple(sorted(ranks.values())) != before:
+        if len(ranks) == WORLD and tuple(sorted(ranks.values())) != before:
             return
         time.sleep(0.05)
 
@@ -248,7 +250,7 @@ def main() -> int:
     moments = args.moments.split(",")
     at = sorted(rng.sample(range(2, max(3, total - 2)), k=min(args.faults, total - 4)))
     faults = [
-        Fault(rng.choice(moments), rng.choice(sorted(SIGNALS)), rng.randrange(2), s) for s in at
+        Fault(rng.choice(moments), rng.choice(sorted(SIGNALS)), rng.randrange(WORLD), s) for s in at
     ]
     for f in faults:
         if f.moment == "checkpoint-write":
