@@ -28,7 +28,12 @@ def main() -> int:
     # imported after the handlers on purpose (not to hide a circle): it takes seconds
     from cmae.cli import main as cli_main
 
-    return cli_main()
+    code = cli_main()
+    # the command is over and its exit code decided: a signal now (torchrun stops the other
+    # ranks of a failed job with SIGTERM) would only replace it, or raise inside atexit hooks
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":
