@@ -312,5 +312,6 @@ def peer_failure(e: BaseException, run_dir: str | Path, command: str) -> PeerFai
     return PeerFailed(
         f"{who}; {where}; run the same command to resume (torchrun --max-restarts does it "
         f"by itself){details}",
-        report=rank() == min(here, default=rank()),
+        # nothing known of the others: each survivor says what it saw
+        report=not stopped or rank() == min(here, default=rank()),
     )
