@@ -280,7 +280,12 @@ def main() -> int:
         "rc": rc,
         "faults_injected": sum(f.injected for f in faults),
         "by_kind": sorted(f"{f.moment}/{f.signal}/rank{f.rank}" for f in faults if f.injected),
-        "restarts": max(0, len(watch.generations) - 1),
+        # torchrun logs each failed attempt; a signal that reached a process already on its
+        # way out (e.g. after the last step) fails none
+        "restarts": (chaos.parent / f"{chaos.name}.out")
+        .read_text(errors="replace")
+        .count("failed (exitcode"),
+        "attempts_seen": len(watch.generations),
         "steps": total,
         "steps_redone": steps_redone(chaos) if (chaos / "log.jsonl").exists() else None,
         "ref_wall_s": round(ref_wall, 1),
