@@ -100,23 +100,24 @@ class Watch:
             self.generations.append(pids)
         return found
 
-    def last_step(self) -> int:
-        """The newest step in log.jsonl since the last resume (0 before any)."""
-        step = 0
+    def last_step(self) -> tuple[int, bool]:
+        """The newest step in log.jsonl (0 before any), and whether this attempt trained it
+        (False: it is the step a resume started from)."""
+        step, trained = 0, False
         try:
             lines = (self.out / "log.jsonl").read_text().splitlines()
         except OSError:
-            return 0
+            return 0, False
         for line in lines:
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line being written
             if "resumed_from" in rec:
-                step = rec["step"]
+                step, trained = rec["step"], False
             elif "loss" in rec:
-                step = rec["step"]
-        return step
+                step, trained = rec["step"], True
+        return step, trained
 
     def writing_checkpoint(self) -> bool:
         return any((self.out / "checkpoints").glob(".*.tmp")) or any(self.out.glob(".*.pt.*.tmp"))
@@ -144,7 +145,7 @@ def inject(watch: Watch, fault: Fault, steps_per_epoch: int, deadline: float) ->
     """Wait for ``fault``'s moment, then send its signal (or give up at the run's end)."""
     while watch.torchrun.poll() is None and time.monotonic() < deadline:
         ranks = watch.ranks()
-        step = watch.last_step()
+        step, trained = watch.last_step()
         if len(ranks) < WORLD or step < fault.step:
             time.sleep(0.02)
             continue
@@ -153,7 +154,7 @@ def inject(watch: Watch, fault: Fault, steps_per_epoch: int, deadline: float) ->
         elif fault.moment == "checkpoint-write":
             due = watch.writing_checkpoint()
         else:  # the monitor runs on rank 0 right after an epoch's last step is logged
-            due = step % steps_per_epoch == 0
+            due = trained and step % steps_per_epoch == 0
             if due:
                 time.sleep(random.uniform(0.0, 0.3))
         if not due:
