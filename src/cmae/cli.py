@@ -6,6 +6,8 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -37,15 +39,23 @@ def _pretrain(args: argparse.Namespace) -> None:
     if args.out is not None:
         overrides.append(f"train.out={args.out}")
     cfg = load_config(args.config, overrides)
-    try:
+    with peer_failures_reported(cfg.train.out, "cmae pretrain"):
         pretrain.run(cfg)
+
+
+@contextmanager
+def peer_failures_reported(run_dir: str, command: str) -> Iterator[None]:
+    """Under torchrun: a collective that failed because another rank is gone becomes
+    ``PeerFailed``, one line naming that rank and the checkpoint to resume from."""
+    try:
+        yield
     except RuntimeError as e:  # a failed collective is one (DistError included)
         if not is_peer_failure(e):
             raise
         # torchrun signals the survivors next: nothing is left to save, leave at once
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
-        raise peer_failure(e, cfg.train.out, "cmae pretrain") from None
+        raise peer_failure(e, run_dir, command) from None
 
 
 class StoppedInStartup(Exception):
@@ -85,7 +95,9 @@ def _segment(args: argparse.Namespace) -> None:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.out is not None:
         overrides.append(f"out={json.dumps(args.out)}")
-    segment.run(load_segment_config(args.config, overrides + list(args.overrides)))
+    cfg = load_segment_config(args.config, overrides + list(args.overrides))
+    with peer_failures_reported(cfg.out, "cmae segment"):
+        segment.run(cfg)
 
 
 def _add_segment_command(sub) -> None:
