@@ -61,6 +61,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(dist, "rendezvous", rendezvous)
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     monkeypatch.setattr(distributed, "_register", lambda store, rank: None)
+    monkeypatch.setattr(distributed, "_store", None)  # put back after the test
     distributed.setup_distributed(torch.device("cpu"), 42.0)
     assert seen["timeout"] == seen["rendezvous"] == datetime.timedelta(seconds=42)
     assert seen["backend"] == "gloo" and seen["rank"] == 0 and seen["world_size"] == 2
@@ -68,7 +69,6 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     store = seen["store"]
     store.set("k", "v")
     assert isinstance(store, dist.PrefixStore)
-    distributed._store = None
 
 
 @pytest.mark.slow
