@@ -23,7 +23,7 @@ from cmae.eval.features import extract_to_file, load_features, run_key
 from cmae.models.cmae import build_model
 from cmae.runtime.checkpoint import save_checkpoint
 from cmae.runtime.progress import GRACE_SECONDS, Progress
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 SMALL = {"model.encoder": "vit_64x2h2"}
 

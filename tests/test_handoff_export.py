@@ -14,7 +14,7 @@ from cmae.interop.encoders import at_img_size, load_encoder_weights
 from cmae.interop.hf import CONFIG_NAME, WEIGHTS_NAME, export_hf, push_to_hub
 from cmae.models.cmae import build_model
 from cmae.runtime.checkpoint import CheckpointError, save_checkpoint
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 # a 2-block ViT of width 64: every path below runs in well under a second
 SMALL = {"model.encoder": "vit_64x2h2", "data.mean": [0.5, 0.4, 0.3], "data.std": [0.2, 0.3, 0.4]}

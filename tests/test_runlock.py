@@ -1,6 +1,7 @@
 """The run-directory lock: one live run per directory, stale locks of dead runs taken over."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,3 +79,20 @@ def test_temp_cleanup_keeps_a_live_writers_temp_files(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_removing_and_recreating_the_run_dir_keeps_the_lock(tmp_path):
+    run = tmp_path / "run"
+    p = holder(run)
+    try:
+        shutil.rmtree(run)  # the live run's RUN/.lock goes with it
+        run.mkdir()
+        with pytest.raises(RunDirBusy) as e:
+            RunLock(run).acquire()
+        assert f"pid {p.pid}" in str(e.value)
+        assert not (run / LOCK_NAME).exists()  # the refused run left nothing behind
+    finally:
+        p.kill()
+        p.wait()
+    with RunLock(run):  # the holder's death released both locks
+        pass

@@ -25,7 +25,7 @@ from cmae.data.shards import (
     shard_splits,
     write_shards,
 )
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def write_folder(root, classes=("a", "b"), per_class=12, size=8, seed=0):

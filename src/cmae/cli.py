@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,6 +27,7 @@ from cmae.eval import features, knn, linprobe
 from cmae.interop import export, hf, onnx_export
 from cmae.interop.api import load_encoder
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.distributed import PeerFailed, is_peer_failure, peer_failure, record_exit
 from cmae.runtime.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.runtime.progress import Progress
 from cmae.runtime.runlock import RunDirBusy
@@ -45,7 +46,24 @@ def _pretrain(args: argparse.Namespace) -> None:
         overrides.append(f"data.path={args.data}")
     if args.out is not None:
         overrides.append(f"train.out={args.out}")
-    pretrain.run(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    with peer_failures_reported(cfg.train.out, "cmae pretrain"):
+        pretrain.run(cfg)
+
+
+@contextmanager
+def peer_failures_reported(run_dir: str, command: str) -> Iterator[None]:
+    """Under torchrun: a collective that failed because another rank is gone becomes
+    ``PeerFailed``, one line naming that rank and the checkpoint to resume from."""
+    try:
+        yield
+    except RuntimeError as e:  # a failed collective is one (DistError included)
+        if not is_peer_failure(e):
+            raise
+        # torchrun signals the survivors next: nothing is left to save, leave at once
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise peer_failure(e, run_dir, command) from None
 
 
 class StoppedInStartup(Exception):
@@ -54,18 +72,6 @@ class StoppedInStartup(Exception):
 
 def _stopped_in_startup(signum: int, frame) -> None:
     raise StoppedInStartup(signal.Signals(signum).name)
-
-
-@contextmanager
-def _stop_signals_in_startup() -> Iterator[None]:
-    """A stop signal before the run installs its own handler (config, data probing, model
-    building) ends the start-up with a message and exit 75, like one during training."""
-    previous = {s: signal.signal(s, _stopped_in_startup) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 EVAL_COMMANDS = {
@@ -97,7 +103,9 @@ def _segment(args: argparse.Namespace) -> None:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.out is not None:
         overrides.append(f"out={json.dumps(args.out)}")
-    segment.run(load_segment_config(args.config, overrides + list(args.overrides)))
+    cfg = load_segment_config(args.config, overrides + list(args.overrides))
+    with peer_failures_reported(cfg.out, "cmae segment"):
+        segment.run(cfg)
 
 
 def _add_segment_command(sub) -> None:
@@ -449,15 +457,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+TRAINING_COMMANDS = ("pretrain", "finetune", "segment")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    training = args.command in TRAINING_COMMANDS
+    # a stop signal before a training command installs its own handler (config, data probing,
+    # model building) ends the start-up with a message and exit 75, like one during training;
+    # the other commands keep the signals' default action
+    startup = _stopped_in_startup if args.command in TRAINING_COMMANDS else signal.SIG_DFL
+    previous = {s: signal.signal(s, startup) for s in STOP_SIGNALS}
     try:
-        with _stop_signals_in_startup() if training else nullcontext():
-            args.func(args)
-    except Preempted:  # a stop signal; the state is saved and the message printed
+        return _run(args)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        args.func(args)
+    except Preempted as e:  # a stop signal; the state is saved and the message printed
+        record_exit(str(e))
+        return EXIT_PREEMPTED
+    except PeerFailed as e:
+        # the exit code of a stop: torchrun restarts the job (--max-restarts), a script reruns
+        if e.report:
+            _say(f"cmae {args.command}: {e}")
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C: what was saved stays; 128 + SIGINT, as shells report
+        training = args.command in TRAINING_COMMANDS
         resume = " (it resumes from the last checkpoint)" if training else ""
         _say(f"cmae {args.command}: interrupted; run the same command again{resume}")
         return 130
@@ -475,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         NonFiniteError,
         RunDirBusy,
     ) as e:
+        record_exit(f"error: {e}")
         _say(f"cmae {args.command}: error: {e}")
         return 2
     return 0

@@ -186,6 +186,9 @@ class TrainConfig:
     # consecutive NaN/Inf steps (each skipped) that stop the run
     max_bad_steps: int = bounded(20, ">= 1")
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise resume on GPU
+    # seconds a collective waits for a silent rank before the job fails (the process-group
+    # timeout; with NCCL the process is then torn down): bounds the hang after a rank dies
+    dist_timeout: float = bounded(1800.0, "[1, 604800]")
 
 
 @dataclass

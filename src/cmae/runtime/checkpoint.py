@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+import zlib
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -111,12 +112,59 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
+# ---------------------------------------------------------------------------------------------
+# checksums: a file whose bytes changed after it was written (bit rot, a bad disk or copy)
+# still unpickles -- torch's zip reader checks no record's CRC -- so a training checkpoint
+# carries a CRC-32 of its whole state, computed before the write and checked on load
+
+CHECKSUM_KEY = "checksum"
+
+
+def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` plus ``{"checksum": {"crc32": N}}`` over every tensor's bytes, dtype and
+    shape and every other value, with their keys: builtins, so it loads with
+    ``weights_only=True``."""
+    return {**state, CHECKSUM_KEY: {"crc32": state_crc32(state)}}
+
+
+def state_crc32(state: Any, crc: int = 0, key: str = "") -> int:
+    """CRC-32 of a nested dict / list of tensors and builtins, in their stored order (a
+    pickle round trip keeps dict order)."""
+    if isinstance(state, torch.Tensor):
+        crc = zlib.crc32(f"{key}:{state.dtype}:{tuple(state.shape)}".encode(), crc)
+        flat = state.detach().cpu().contiguous().reshape(-1)
+        return zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
+    if isinstance(state, dict):
+        for k, v in state.items():
+            crc = state_crc32(v, crc, f"{key}.{k!r}")
+        return crc
+    if isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            crc = state_crc32(v, crc, f"{key}[{i}]")
+        return crc
+    return zlib.crc32(f"{key}={state!r}".encode(), crc)
+
+
+def verify_checksum(path: Path, state: Any) -> None:
+    """Raise ``CheckpointError`` if ``state`` carries a checksum that its contents fail."""
+    if not isinstance(state, dict) or not isinstance(state.get(CHECKSUM_KEY), dict):
+        return  # older checkpoints and exported files carry none
+    rest = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    if state[CHECKSUM_KEY].get("crc32") != state_crc32(rest):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the checksum written "
+            "with it (its bytes changed on disk after it was saved)"
+        )
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
-    """Load with ``weights_only=True``: a file that would execute code is refused.
+    """Load with ``weights_only=True``: a file that would execute code is refused, one whose
+    checksum fails is refused (``CheckpointError``).
 
-    ``mmap``: map the tensors instead of reading them (cheap to look at a few fields).
+    ``mmap``: map the tensors instead of reading them (cheap to look at a few fields; the
+    checksum is not checked then).
     """
     path = Path(path)
     if not path.is_file():
@@ -124,7 +172,7 @@ def load_checkpoint(
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol: we say what is wrong
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's message is many lines and advises weights_only=False: never pass that on
         code = _BLOCKED_GLOBAL.search(str(e))
@@ -141,6 +189,9 @@ def load_checkpoint(
     except (RuntimeError, EOFError, OSError) as e:
         why = "it is empty" if path.stat().st_size == 0 else _first_line(e)
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {why}") from e
+    if not mmap:  # a mapped load only peeks at a few fields; reading all to check defeats it
+        verify_checksum(path, state)
+    return state
 
 
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
@@ -324,7 +375,7 @@ class RunCheckpoints:
             )
         path = self.dir / periodic_name(step, epoch)
         try:
-            save_checkpoint(state, path)
+            save_checkpoint(with_checksum(state), path)
         except CheckpointWriteError as e:
             warn(f"step {step}: {e}; {self.last_good()}; training goes on")
             return None
@@ -340,7 +391,7 @@ class RunCheckpoints:
             raise CheckpointError(f"refusing to save: non-finite values in {', '.join(bad[:5])}")
         path = self.dir.parent / FINAL_NAME
         try:
-            save_checkpoint(state, path)
+            save_checkpoint(with_checksum(state), path)
         except CheckpointWriteError as e:
             raise CheckpointWriteError(
                 f"{e}; {self.last_good()}; free space and run the same command again"

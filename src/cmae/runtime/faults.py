@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cmae.runtime.distributed import is_main, teardown_distributed
+from cmae.runtime.distributed import exit_with_parent, is_main, teardown_distributed
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, rerun to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -252,6 +252,7 @@ class WorkerStopSignals:
         self._released = multiprocessing.Event()
 
     def __call__(self, worker_id: int) -> None:
+        exit_with_parent()  # a killed rank's workers must not keep its sockets open
         released = self._released
 
         def handle(signum: int, frame) -> None:

@@ -6,15 +6,21 @@ dead run is stale and is taken over, never waited for. The file holds the holder
 and start time, which a refused run names. Network file systems that implement ``flock``
 (Linux NFS does, through POSIX locks) lock across hosts; where it is unsupported the run is
 refused with that reason rather than run unprotected.
+
+A second lock, on this host, is keyed by the run directory's absolute path (a file under
+``$TMPDIR/cmae-locks-UID/``): it outlives the directory, so removing and recreating the run
+directory under a live run does not let a second run in beside it on the same host.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -32,55 +38,67 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self._fd: int | None = None
+        self.host_path = host_lock_path(run_dir)
+        self._fds: list[tuple[Path, int]] = []
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.host_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        try:
+            for path in (self.path, self.host_path):
+                fd = self._lock(path)
+                os.ftruncate(fd, 0)
+                os.pwrite(
+                    fd, (json.dumps({**info, "run": str(self.path.parent)}) + "\n").encode(), 0
+                )
+                self._fds.append((path, fd))
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self, path: Path) -> int:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EAGAIN, errno.EACCES):
                     raise RunDirBusy(
-                        f"{self.path.parent} is in use by another run ({self.holder()}); wait "
-                        "for it to end or use another --out / train.out"
+                        f"{self.path.parent} is in use by another run ({self.holder(path)}); "
+                        "wait for it to end or use another --out / train.out"
                     ) from e
                 raise RunDirBusy(
-                    f"cannot lock {self.path} ({os.strerror(e.errno or 0)}): this file system "
+                    f"cannot lock {path} ({os.strerror(e.errno or 0)}): this file system "
                     "does not support file locks; use a run directory on another one"
                 ) from e
             # a releasing run unlinks the file: if ours was unlinked between open and lock,
             # we hold a lock on a deleted file; start again on the current one
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
             except FileNotFoundError:
                 same = False
             if same:
-                break
+                return fd
             os.close(fd)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._fd = fd
 
     def release(self) -> None:
-        if self._fd is None:
-            return
         # unlink while still holding the lock, so no one else holds a lock on this file
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
+        while self._fds:
+            path, fd = self._fds.pop()
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
-    def holder(self) -> str:
+    def holder(self, path: Path | None = None) -> str:
         """'pid N on host H since T' from the lock file (best effort: it may be mid-write)."""
+        path = self.path if path is None else path
         try:
-            info = json.loads(self.path.read_text())
+            info = json.loads(path.read_text())
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
             return f"pid {int(info['pid'])} on host {info['host']}, since {since}"
         except (OSError, ValueError, KeyError, TypeError):
-            return f"see {self.path}"
+            return f"see {path}"
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -88,6 +106,12 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def host_lock_path(run_dir: str | Path) -> Path:
+    """This host's lock file for ``run_dir``, named by a hash of its absolute path."""
+    key = hashlib.sha256(str(Path(run_dir).expanduser().resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"cmae-locks-{os.getuid()}" / f"{key}.lock"
 
 
 def lock_run_dir(run_dir: str | Path) -> AbstractContextManager:

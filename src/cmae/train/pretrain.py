@@ -188,7 +188,7 @@ def setup_process(cfg: Config) -> torch.device:
     """Join the process group (under torchrun; only rank 0 prints and writes files), set
     threads, allocator, determinism and seeds."""
     t = cfg.train
-    device = setup_distributed(resolve_device(t.device))
+    device = setup_distributed(resolve_device(t.device), t.dist_timeout)
     if t.threads is not None:
         torch.set_num_threads(t.threads)
     keep_freed_memory()
