@@ -331,7 +331,7 @@ SMALL = [
 
 def test_short_run_on_generated_data_learns(tmp_path):
     out = tmp_path / "seg"
-    args = ["segment", "--checkpoint", "random", "--out", str(out), *SMALL]
+    args = ["segment", "--out", str(out), *SMALL]  # no --checkpoint: a random-init encoder
     assert main([*args, "iters=40", "warmup_iters=4", "lr=0.001", "eval_every=20"]) == 0
     res = json.loads((out / "results.json").read_text())
     for name in ("config.yaml", "log.jsonl", "predictions.png", "checkpoint.pt"):
