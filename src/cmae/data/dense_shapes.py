@@ -7,6 +7,11 @@ on its own (shapes are saturated colours, the background is grey), and a class s
 small window of its shape (its texture), not only in the whole outline, which a training crop
 may cut. Colour (hue, brightness) is drawn per instance and says nothing about the class.
 
+The classes: ``solid_disc`` (one flat colour), ``striped_square`` (broad stripes in a bright
+and a dark shade of one hue), ``checkered_triangle`` (fine checks in two hues); the stripes
+and checks turn with their shape. Sizes are fractions of the image side, so a scene at 128 px
+is the one at 64 px, sharper.
+
 - ``CLASSES``: the K class names (``cmae segment`` adds background as label 0).
 - ``sample(size, seed, index)``: one scene, a pure function of its arguments;
   ``generate(n, size, seed)`` the first ``n``.
@@ -30,8 +35,8 @@ COLORS = ("color", "grey")
 MAX_INSTANCES = 3
 RADIUS = (0.2, 0.3)  # circumradius as a fraction of the image side
 MIN_VISIBLE = 0.6  # an instance keeps at least this fraction of its pixels visible
-STRIPE_PERIOD = (0.10, 0.14)  # of the image side
-CHECKER_CELL = (0.06, 0.08)  # of the image side
+STRIPE_PERIOD = (0.18, 0.22)  # of the image side: broad bands
+CHECKER_CELL = (0.04, 0.05)  # of the image side: a fine grain, unlike the stripes
 # a triangle's circumradius over its circle's: an area near the others' (its tips may leave
 # the image)
 TRIANGLE_SCALE = 1.2
@@ -94,7 +99,7 @@ def sample(size: int, seed: int, index: int, colors: str = "color") -> DenseSamp
         y1, x1 = min(int(s.cy + e) + 2, big), min(int(s.cx + e) + 2, big)
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
         tex = _texture(rng, s, xs, ys, big)
-        bright, dark = _shades(rng)
+        bright, dark = _shades(rng, CLASSES[s.cls - 1] == "checkered_triangle")
         fill = dark + (bright - dark) * tex[..., None]
         a = m[y0:y1, x0:x1, None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + fill * a
@@ -156,11 +161,14 @@ def _texture(
     return ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
 
 
-def _shades(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(bright, dark) RGB of one random saturated hue; the dark shade at half the value."""
+def _shades(rng: np.random.Generator, two_hues: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(bright, dark) RGB of one random saturated hue, the dark shade at half the value;
+    ``two_hues``: the dark one in another hue (the checks then differ from stripes in
+    any 4 px window by colour too, not only by their finer grain)."""
     h, sat, val = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0)
     bright = np.array(colorsys.hsv_to_rgb(h, sat, val), np.float32) * 255
-    dark = np.array(colorsys.hsv_to_rgb(h, sat, val * 0.5), np.float32) * 255
+    h2 = (h + 1 / 3) % 1 if two_hues else h  # a third round: their blend stays coloured
+    dark = np.array(colorsys.hsv_to_rgb(h2, sat, val * 0.5), np.float32) * 255
     return bright, dark
 
 
