@@ -29,10 +29,10 @@ class SegEncoderConfig:
 @dataclass
 class SegDataConfig(SyntheticSplits):
     path: str | None = None  # ROOT in the ADE20K layout; None = built-in generated data
-    num_classes: int | None = None  # None: ROOT/classes.txt (the generated data: 11)
+    num_classes: int | None = None  # None: ROOT/classes.txt (the generated data: 4)
     reduce_zero_label: bool = True  # label 0 ignored, k -> k - 1 (ADE20K); not for generated
     scale: tuple[int, int] = (256, 64)  # (long, short) side limits; reference (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)  # training rescale ratio
+    ratio_range: tuple[float, float] = (0.75, 1.5)  # training rescale ratio; reference 0.5-2.0
     crop: int = 64  # training crop and sliding window; reference 512
     stride: int = 43  # sliding-window stride; reference 341
     cat_max_ratio: float = 0.75
@@ -48,7 +48,8 @@ class SegDataConfig(SyntheticSplits):
     synthetic_val: int = 50
     synthetic_size: int = 64
     synthetic_seed: int = 0
-    # the generated scenes' shape colours: color (default) or grey
+    # the generated scenes (cmae.data.dense_shapes): color (default) or grey (the same scenes
+    # in grey levels: the shapes no longer stand out by their colour)
     synthetic_colors: str = "color"
 
 
@@ -73,17 +74,17 @@ class SegmentConfig:
     encoder: SegEncoderConfig = field(default_factory=SegEncoderConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
-    iters: int = 200  # reference 160,000
+    iters: int = 400  # reference 160,000
     max_iters: int | None = None  # stop after this many (the schedule still spans iters)
-    warmup_iters: int = 20  # linear warmup from lr x 1e-6; reference 1,500
+    warmup_iters: int = 30  # linear warmup from lr x 1e-6; reference 1,500
     batch_size: int = 8  # the GLOBAL batch; reference 16
-    lr: float = 5e-4  # reference 1e-4 (for 160k iterations)
+    lr: float = 2e-3  # reference 1e-4 (for 160k iterations)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = 0.65
     power: float = 1.0  # poly decay to min_lr after the warmup
     min_lr: float = 0.0
-    eval_every: int = 100  # iterations; the last one is always evaluated; reference 16,000
+    eval_every: int = 50  # iterations; the last one is always evaluated; reference 16,000
     log_every: int = 10
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | none
     threads: int | None = None
