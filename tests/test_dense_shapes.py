@@ -80,23 +80,34 @@ def test_a_pixel_tells_foreground_from_background(scenes):
 
 def test_each_class_has_its_texture(scenes):
     """The solid disc is one shade; stripes and checks alternate two, so the brightness varies
-    inside any small window of them."""
-    local_var = {c: [] for c in range(1, len(CLASSES) + 1)}
+    inside any small window of them; only the checks mix two hues (the chromaticity, RGB over
+    its sum, varies: a dark shade of the same hue keeps it)."""
+    brightness = {c: [] for c in range(1, len(CLASSES) + 1)}
+    hues = {c: [] for c in range(1, len(CLASSES) + 1)}
     for s in scenes:
+        rgb = np.asarray(s.image, np.float32)
         grey = np.asarray(s.image.convert("L"), np.float32)
         for cls, mask in s.instances:
             ys, xs = np.nonzero(mask)
             cy, cx = int(ys.mean()), int(xs.mean())
-            window = grey[cy - 4 : cy + 4, cx - 4 : cx + 4]  # 8 x 8 px at the shape's centre
-            if mask[cy - 4 : cy + 4, cx - 4 : cx + 4].all():
-                local_var[cls].append(window.std())
+            win = (slice(cy - 4, cy + 4), slice(cx - 4, cx + 4))  # 8 x 8 px at the centre
+            if mask[win].all():
+                brightness[cls].append(grey[win].std())
+                px = rgb[win].reshape(-1, 3)
+                hues[cls].append((px / px.sum(1, keepdims=True).clip(min=1)).std(0).mean())
     solid = CLASSES.index("solid_disc") + 1
-    for cls, stds in local_var.items():
-        assert stds, CLASSES[cls - 1]
+    checks = CLASSES.index("checkered_triangle") + 1
+    for cls in brightness:
+        name = CLASSES[cls - 1]
+        assert brightness[cls], name
         if cls == solid:
-            assert np.median(stds) < 8
+            assert np.median(brightness[cls]) < 8
         else:
-            assert np.median(stds) > 20, CLASSES[cls - 1]
+            assert np.median(brightness[cls]) > 20, name
+        if cls == checks:
+            assert min(hues[cls]) > 0.05
+        else:
+            assert max(hues[cls]) < 0.04, name
 
 
 def test_grey_renders_the_same_scene_in_grey_levels():
