@@ -9,6 +9,7 @@ from PIL import Image
 
 from cmae.cli import main
 from cmae.config import ConfigError, load_segment_config
+from cmae.data import dense_shapes
 from cmae.data.datasets import DataError
 from cmae.data.segmentation import (
     IGNORE,
@@ -306,11 +307,12 @@ def test_generated_segmentation_labels_match_the_shapes():
     img2, label2 = data.raw(1)
     assert torch.equal(img, img2) and torch.equal(label, label2)  # a pure function of (seed, i)
     assert img.shape == (3, 32, 32) and label.dtype == torch.uint8
-    for ty in range(2):
-        for tx in range(2):
-            tile = label[ty * 16 : (ty + 1) * 16, tx * 16 : (tx + 1) * 16]
-            present = set(tile.unique().tolist())
-            assert 0 in present and len(present) == 2  # background + this tile's shape
+    scene = dense_shapes.sample(32, 3, 1)
+    assert torch.equal(img, torch.from_numpy(np.array(scene.image)).permute(2, 0, 1))
+    for cls, mask in scene.instances:  # each visible shape carries its class, the rest is 0
+        assert (label[torch.from_numpy(mask)] == cls).all()
+    assert int((label > 0).sum()) == sum(int(m.sum()) for _, m in scene.instances)
+    assert data.classes == ["background", *dense_shapes.CLASSES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def test_generated_segmentation_labels_match_the_shapes():
 
 def test_short_run_on_generated_data_learns(tmp_path):
     out = tmp_path / "seg"
-    args = ["segment", "--checkpoint", "random", "--out", str(out), *SEGMENT_SMALL]
+    args = ["segment", "--out", str(out), *SEGMENT_SMALL]  # no --checkpoint: a random-init encoder
     assert main([*args, "iters=40", "warmup_iters=4", "lr=0.001", "eval_every=20"]) == 0
     res = json.loads((out / "results.json").read_text())
     for name in ("config.yaml", "log.jsonl", "predictions.png", "checkpoint.pt"):
@@ -333,7 +335,9 @@ def test_short_run_on_generated_data_learns(tmp_path):
     cfg = load_segment_config(None, [*SEGMENT_SMALL])
     weights = load_encoder_weights("random", "quick")
     torch.manual_seed(0)
-    fresh = segmentor_for(weights, 11, 32, channels=16, aux_channels=8)
+    fresh = segmentor_for(
+        weights, len(GeneratedSegmentation.classes), 32, channels=16, aux_channels=8
+    )
     _, val, classes = segmentation_splits(None, None, False, cfg.data.synthetic())
     conf = evaluate(
         fresh, SegValSet(val, (64, 32), res["mean"], res["std"]), 32, 21, "cpu", None, 0

@@ -98,7 +98,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    overrides = [f"encoder.checkpoint={json.dumps(args.checkpoint)}"]
+    overrides = []
+    if args.checkpoint is not None:
+        overrides.append(f"encoder.checkpoint={json.dumps(args.checkpoint)}")
     if args.data is not None:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.out is not None:
@@ -112,8 +114,9 @@ def _add_segment_command(sub) -> None:
     p = sub.add_parser("segment", help="semantic segmentation with UperNet (ADE20K protocol)")
     p.add_argument(
         "--checkpoint",
-        required=True,
-        help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random'",
+        default=None,
+        help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random' "
+        "(default: the config's encoder.checkpoint, 'random')",
     )
     p.add_argument(
         "--data",

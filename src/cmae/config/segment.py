@@ -43,13 +43,13 @@ class SegEncoderConfig:
 @dataclass
 class SegDataConfig(SyntheticSplits):
     path: str | None = None  # ROOT in the ADE20K layout; None = built-in generated data
-    # None: ROOT/classes.txt (the generated data: 11)
+    # None: ROOT/classes.txt (the generated data: 4)
     num_classes: int | None = bounded(None, "[1, 255]")
     reduce_zero_label: bool = True  # label 0 ignored, k -> k - 1 (ADE20K); not for generated
     # (long, short) side limits; reference (2048, 512)
     scale: tuple[int, int] = bounded((256, 64), "> 0")
-    # training rescale ratio
-    ratio_range: tuple[float, float] = bounded((0.5, 2.0), "> 0", ordered=True)
+    # training rescale ratio; reference 0.5-2.0
+    ratio_range: tuple[float, float] = bounded((0.75, 1.5), "> 0", ordered=True)
     crop: int = bounded(64, "> 0")  # training crop and sliding window; reference 512
     stride: int = bounded(43, "> 0")  # sliding-window stride; reference 341
     cat_max_ratio: float = bounded(0.75, "(0, 1]")
@@ -65,6 +65,8 @@ class SegDataConfig(SyntheticSplits):
     synthetic_val: int = bounded(50, "> 0")
     synthetic_size: int = bounded(64, "> 0")
     synthetic_seed: int = 0
+    # the generated scenes (cmae.data.dense_shapes): color (default) or grey (the same scenes
+    # in grey levels: the shapes no longer stand out by their colour)
     synthetic_colors: Colors = Colors.color
 
 
@@ -92,20 +94,20 @@ class SegmentConfig:
     encoder: SegEncoderConfig = field(default_factory=SegEncoderConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
-    iters: int = bounded(200, "> 0")  # reference 160,000
+    iters: int = bounded(400, "> 0")  # reference 160,000
     # stop after this many (the schedule still spans iters)
     max_iters: int | None = bounded(None, "> 0")
     # linear warmup from lr x 1e-6; reference 1,500
-    warmup_iters: int = bounded(20, ">= 0")
+    warmup_iters: int = bounded(30, ">= 0")
     batch_size: int = bounded(8, "> 0")  # the GLOBAL batch; reference 16
-    lr: float = bounded(5e-4, "> 0")  # reference 1e-4 (for 160k iterations)
+    lr: float = bounded(2e-3, "> 0")  # reference 1e-4 (for 160k iterations)
     weight_decay: float = bounded(0.05, ">= 0")
     betas: tuple[float, float] = bounded((0.9, 0.999), "[0, 1)")
     layer_decay: float = bounded(0.65, "(0, 1]")
     power: float = bounded(1.0, "> 0")  # poly decay to min_lr after the warmup
     min_lr: float = bounded(0.0, ">= 0")
     # iterations; the last one is always evaluated (0: only it); reference 16,000
-    eval_every: int = bounded(100, ">= 0")
+    eval_every: int = bounded(50, ">= 0")
     log_every: int = bounded(10, ">= 1")
     amp: SegAmp = SegAmp.auto
     threads: int | None = bounded(None, "> 0")

@@ -136,16 +136,6 @@ def render_shape(
     return _render_shape(label, size, rng, colors)[0]
 
 
-def render_shape_mask(
-    label: int, size: int, rng: np.random.Generator, colors: str = "color"
-) -> tuple[Image.Image, np.ndarray]:
-    """``render_shape``'s image and its shape mask ([size, size] bool: the pixels at least
-    half covered by the shape), for the generated segmentation data."""
-    img, mask = _render_shape(label, size, rng, colors)
-    small = mask.resize((size, size), Image.Resampling.BOX)
-    return img, np.asarray(small) >= 128
-
-
 def _render_shape(
     label: int, size: int, rng: np.random.Generator, colors: str = "color"
 ) -> tuple[Image.Image, Image.Image]:

@@ -1,5 +1,5 @@
 """Semantic-segmentation data: the ADE20K directory layout, the reference pipelines and a
-generated set (the offline default).
+generated set (the offline default, ``cmae.data.dense_shapes``).
 
 Layout: ``ROOT/images/{training,validation}/NAME.jpg`` with ``ROOT/annotations/<split>/NAME.png``
 (8-bit label maps) and optionally ``ROOT/classes.txt`` (one class name per line, in label
@@ -28,7 +28,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cmae.data.datasets import SHAPE_CLASSES, DataError, load_image, render_shape_mask
+from cmae.data import dense_shapes
+from cmae.data.datasets import DataError, load_image
 from cmae.data.sampling import sample_seed
 
 IGNORE = 255
@@ -122,16 +123,16 @@ def reduce_zero_label(label: Tensor) -> Tensor:
 
 
 class GeneratedSegmentation(Dataset):
-    """Offline segmentation data from the shapes generator: each image is a 2 x 2 grid of
-    tiles, each with one shape of a random class on its background; every pixel's label is
-    its shape's class + 1, or 0 (background, a class here) outside the shapes. Image i is a
-    pure function of (seed, i, colors) (``colors``: see SyntheticShapes)."""
+    """Offline segmentation data: the dense-shapes scenes (``cmae.data.dense_shapes``: a few
+    large shapes of 3 textured classes on a grey background); every pixel's label is its
+    visible shape's class, or 0 (background, a class here). Image i is a pure function of
+    (seed, i, colors) (``colors``: "color", or "grey", the same scenes in grey levels)."""
 
-    classes = ["background", *SHAPE_CLASSES]
+    classes = ["background", *dense_shapes.CLASSES]
 
     def __init__(self, n: int, size: int, seed: int, colors: str = "color") -> None:
-        if size < 8 or size % 2:
-            raise DataError(f"generated segmentation images need an even size >= 8, got {size}")
+        if size < 16:
+            raise DataError(f"generated segmentation images need a size >= 16, got {size}")
         self.n, self.size, self.seed, self.colors = n, size, seed, colors
         self.num_classes = len(self.classes)
 
@@ -142,17 +143,9 @@ class GeneratedSegmentation(Dataset):
         return f"generated-{self.seed}-{i}"
 
     def raw(self, i: int) -> tuple[Tensor, Tensor]:
-        rng = np.random.default_rng([self.seed, i])
-        t = self.size // 2
-        img = np.zeros((self.size, self.size, 3), np.uint8)
-        label = np.zeros((self.size, self.size), np.uint8)
-        for ty in range(2):
-            for tx in range(2):
-                cls = int(rng.integers(len(SHAPE_CLASSES)))
-                tile, mask = render_shape_mask(cls, t, rng, self.colors)
-                img[ty * t : (ty + 1) * t, tx * t : (tx + 1) * t] = np.asarray(tile)
-                label[ty * t : (ty + 1) * t, tx * t : (tx + 1) * t] = mask * (cls + 1)
-        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+        scene = dense_shapes.sample(self.size, self.seed, i, self.colors)
+        img = torch.from_numpy(np.asarray(scene.image).copy()).permute(2, 0, 1).contiguous()
+        return img, torch.from_numpy(dense_shapes.semantic_labels(scene))
 
 
 # ---------------------------------------------------------------------------------------------
