@@ -149,6 +149,7 @@ def test_the_same_command_resumes_and_finishes(stopped, capsys):
     assert status == EXIT_PREEMPTED
     assert main(argv(command, out)) == 0
     assert "resuming from" in capsys.readouterr().out
+    assert '"resumed_from"' in (out / "log.jsonl").read_text()  # the log says where it resumed
     _, state = latest_checkpoint(out, ("step",))
     assert state["step"] == COMMANDS[command][1]
 

@@ -221,7 +221,14 @@ def train(cfg: SegmentConfig, job: TrainingJob) -> dict:
     if job.already_trained(step, last) and not job.missing_outputs("results.json"):
         return job.read_json("results.json")
     # else train to ``last``; a run killed before its results were written only evaluates
-    job.begin(config, total=last, initial=step, batch_size=cfg.batch_size, device=device)
+    job.begin(
+        config,
+        total=last,
+        initial=step,
+        batch_size=cfg.batch_size,
+        device=device,
+        resumed_from=resumed.path,
+    )
     steps_per_epoch = len(data.loader)
 
     def snapshot() -> dict:  # every rank: their RNG states are gathered
