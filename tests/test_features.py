@@ -23,6 +23,7 @@ from cmae.eval.features import extract_to_file, load_features, run_key
 from cmae.models.cmae import build_model
 from cmae.runtime.checkpoint import save_checkpoint
 from cmae.runtime.progress import GRACE_SECONDS, Progress
+from cmae.train.lifecycle import TrainingJob
 from tests.helpers import tiny_overrides
 
 SMALL = {"model.encoder": "vit_64x2h2"}
@@ -214,3 +215,31 @@ def test_progress_plain_lines_and_grace():
             p.update(1)
             raise KeyboardInterrupt
     assert buf.getvalue().splitlines()[-1] == "z 1/10 img (10%), 0.2 img/s, 6s elapsed, ETA 54s"
+
+
+def test_progress_shows_the_postfix_in_plain_lines():
+    t = [0.0]
+    buf = io.StringIO()
+    with Progress(100, "pretrain", unit="step", stream=buf, tty=False, clock=lambda: t[0]) as p:
+        t[0] += 6
+        p.set_postfix(loss="0.5000")
+        p.update(10)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "pretrain 10/100 step (10%), loss 0.5000, 1.7 step/s, 6s elapsed, ETA 54s"
+    assert "\r" not in buf.getvalue()
+
+
+def test_training_progress_in_a_log_is_plain_lines(tmp_path):
+    """A training command whose stderr is a file writes progress lines with an ETA, not a
+    bar's carriage returns (GRACE_SECONDS of silence first, so a slow-enough run)."""
+    buf = io.StringIO()
+    with TrainingJob(tmp_path / "run", "cmae test", keep_last=1, max_bad_steps=1) as job:
+        job.begin({}, total=4, initial=0, batch_size=1, device=torch.device("cpu"))
+        job.bar.stream, job.bar.t0 = buf, job.bar.t0 - 10  # as if 10 s had passed
+        job.advance()
+        job.log({"step": 1, "loss": 0.25}, loss=0.25)
+        job.advance()
+        job.close()
+    text = buf.getvalue()
+    assert "\r" not in text and "test 1/4 step (25%)" in text and "ETA" in text, text
+    assert "loss 0.2500" in text.splitlines()[-1] and not text.rstrip().endswith("done")

@@ -1,4 +1,4 @@
-"""Progress with an ETA for long passes (feature extraction, evaluation, probes).
+"""Progress with an ETA for long passes (training, feature extraction, evaluation, probes).
 
 On a terminal a tqdm bar. When stderr is not a terminal (a log file, a batch job, a pipe) a
 bar's carriage returns make an unreadable log, and silence looks like a hang, so plain lines
@@ -72,6 +72,7 @@ class Progress:
         self.t0 = self.last_t = clock()
         self.last_n = initial
         self.closed = self.spoke = False
+        self.shown: dict[str, str] = {}
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -86,6 +87,12 @@ class Progress:
         if due or not self.spoke:
             self._line(now)
 
+    def set_postfix(self, **shown: str) -> None:
+        """Values shown after the count (a training loss): on the bar, or in the next line."""
+        self.shown = shown
+        if self.bar is not None:
+            self.bar.set_postfix(**shown)
+
     def _line(self, now: float | None = None, done: bool = False) -> None:
         now = self.clock() if now is None else now
         self.last_t, self.last_n, self.spoke = now, self.n, True
@@ -95,6 +102,7 @@ class Progress:
         parts = [f"{self.desc} {count} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
+        parts += [f"{k} {v}" for k, v in self.shown.items()]
         if self.n > self.start_n:
             parts.append(f"{rate:.1f} {self.unit}/s")
         parts.append(f"{format_seconds(elapsed)} elapsed")

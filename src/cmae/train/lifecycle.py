@@ -78,11 +78,11 @@ from typing import Any, NamedTuple, NoReturn
 import torch
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from cmae.runtime.checkpoint import RunCheckpoints, RunLog, remove_stale_temps, save_text
 from cmae.runtime.distributed import is_main, rank, teardown_distributed
 from cmae.runtime.faults import BadSteps, StopSignals
+from cmae.runtime.progress import Progress
 from cmae.runtime.resume import find_resume, restore_training
 from cmae.runtime.runlock import lock_run_dir
 
@@ -122,7 +122,7 @@ class TrainingJob:
         self.signals = StopSignals()
         self.bad_steps: BadSteps | None = None  # on the training device: made by ``begin``
         self.log_file: RunLog | None = None
-        self.bar: tqdm | None = None
+        self.bar: Progress | None = None
         self._stack = ExitStack()
         self._closers: list[Callable[[], None]] = []
         self._start = self._tick = 0.0
@@ -225,13 +225,9 @@ class TrainingJob:
             if resumed_from is not None:
                 self.log_file.write({"step": initial, "resumed_from": str(resumed_from)})
         self.bad_steps = BadSteps(device)
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            desc=desc or self.command.split()[-1],
-            dynamic_ncols=True,
-            disable=not is_main(),
-        )
+        # a bar on a terminal, plain lines with an ETA in a log (rank 0 only)
+        label = desc or self.command.split()[-1]
+        self.bar = Progress(total, label, unit="step", initial=initial) if is_main() else None
         self._batch_size = batch_size
         self._start = self._tick = time.perf_counter()
         self._start_step = self._tick_step = initial
@@ -324,8 +320,8 @@ class TrainingJob:
 
     def close(self) -> None:
         """Close the progress bar, ``log.jsonl`` and what ``closing`` registered (idempotent)."""
-        if self.bar is not None:
-            self.bar.close()
+        if self.bar is not None:  # "done" only when the last step was reached
+            self.bar.close(done=self.bar.total is not None and self.bar.n >= self.bar.total)
             self.bar = None
         if self.log_file is not None:
             self.log_file.close()
