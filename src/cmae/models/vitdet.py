@@ -47,8 +47,8 @@ from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -451,15 +451,16 @@ def build_detector(
     anchors = AnchorGenerator(tuple((s,) for s in ANCHOR_SIZES), (ASPECT_RATIOS,) * 5)
     model = ViTDetMaskRCNN(
         backbone,
-        num_classes=num_classes,
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(c, len(ASPECT_RATIOS), conv_depth=2),
         rpn_post_nms_top_n_train=rpn_post_nms_train,
         rpn_post_nms_top_n_test=rpn_post_nms_test,
         box_head=FastRCNNConvFCHead((c, 7, 7), [c] * 4, [1024], norm_layer=LayerNorm2d),
+        box_predictor=FastRCNNPredictor(1024, num_classes),
         box_batch_size_per_image=num_rois,
         box_detections_per_img=detections_per_img,
         mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=LayerNorm2d),
+        mask_predictor=MaskRCNNPredictor(c, c, num_classes),
     )
     model.transform = PadOnlyTransform(img_size, list(image_mean), list(image_std))
     return model
