@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from cmae.eval.finetune import layer_decay_groups
 from cmae.models.convvit import ConvViT
 from cmae.models.vit import ViTEncoder
 from cmae.models.vitdet import (
@@ -20,6 +19,7 @@ from cmae.models.vitdet import (
     window_partition,
     window_unpartition,
 )
+from cmae.runtime.optim import layer_decay_groups
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 # a 4-block ViT of width 32, patch 8, pretrained at 32 px (a 4x4 grid)

@@ -14,7 +14,7 @@ the ``img_size`` square (bottom / right), it never resizes (``PadOnlyTransform``
 jitter are the data pipeline's. ``targets``: torchvision's dicts (``boxes`` [K, 4] xyxy pixels,
 ``labels`` [K] int64 in 1..num_classes-1 (0 is background), ``masks`` [K, h, w] uint8).
 Outputs come back in the input image's pixels. For the optimizer the model has ``num_layers``,
-``layer_id(name)`` and ``no_weight_decay()`` (``cmae.eval.finetune.layer_decay_groups``).
+``layer_id(name)`` and ``no_weight_decay()`` (``cmae.runtime.optim.layer_decay_groups``).
 
 ViT backbone, as detectron2's ``ViT`` + ``SimpleFeaturePyramid``: the encoder's patch embedding,
 its position embedding (trainable, kept at the pretraining grid and resampled bicubically to the
