@@ -18,13 +18,14 @@ from cmae.config import (
     load_eval_config,
     load_segment_config,
 )
+from cmae.config.detect import load_detect_config
 from cmae.data.datasets import DataError
 from cmae.eval import knn, linprobe
 from cmae.interop import export
 from cmae.runtime.checkpoint import CheckpointError
+from cmae.runtime.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.runtime.runlock import RunDirBusy
-from cmae.train import finetune, pretrain, segment
-from cmae.train.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
+from cmae.train import detect, finetune, pretrain, segment
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
@@ -108,6 +109,46 @@ def _add_segment_command(sub) -> None:
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. iters=1000"
     )
     p.set_defaults(func=_segment)
+
+
+def _detect(args: argparse.Namespace) -> None:
+    overrides = []
+    if args.checkpoint is not None:
+        overrides.append(f"encoder.checkpoint={json.dumps(args.checkpoint)}")
+    if args.data is not None:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.out is not None:
+        overrides.append(f"out={json.dumps(args.out)}")
+    detect.run(load_detect_config(args.config, overrides + list(args.overrides)))
+
+
+def _add_detect_command(sub) -> None:
+    p = sub.add_parser(
+        "detect", help="object detection and instance segmentation (ViTDet Mask R-CNN, COCO AP)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random' (a fresh "
+        "encoder of encoder.preset); default: the config's encoder.checkpoint (random)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="ROOT with images/{train,val}/ and annotations/instances_{train,val}.json (COCO "
+        "layout, or the 2017 names); default: built-in generated instances",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: runs/detect)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset (coco_vit_base, pennfudan_cpu) or a YAML file, e.g. a previous "
+        "OUT/config.yaml",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. iters=1000"
+    )
+    p.set_defaults(func=_detect)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -286,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=_evaluate)
     _add_segment_command(sub)
+    _add_detect_command(sub)
     _add_interop_commands(sub)
     return parser
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -43,8 +43,10 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cmae.data.datasets import DataError, load_image
+from cmae.data import dense_shapes
+from cmae.data.datasets import load_image
 from cmae.data.sampling import sample_seed
+from cmae.errors import DataError
 
 SPLITS = ("train", "val")
 BOX_TOLERANCE = 1.0  # pixels a box may pass the image border (rounding in exported json)
@@ -324,20 +326,18 @@ def instances(
 # ---------------------------------------------------------------------------------------------
 # generated instances (the offline default)
 
-GENERATED_CLASSES = ("disc", "square", "triangle")
-
 
 class GeneratedInstances(Dataset):
-    """Offline instance data: 1-3 shapes (disc, square, triangle), each a flat colour far from
-    the flat, noisy background, 1/4 to 1/2 of the image wide, later ones drawn over earlier
-    ones (an instance hidden below half its area is dropped). Image i is a pure function of
-    (seed, i); ``coco_json()`` encodes the masks as RLE."""
+    """Offline instance data: ``cmae.data.dense_shapes``' scenes (1-3 large textured shapes of
+    3 classes on grey, each instance's visible mask). Image i is a pure function of
+    (seed, i, colors); ``coco_json()`` encodes the masks as RLE."""
 
-    def __init__(self, n: int, size: int, seed: int) -> None:
+    def __init__(self, n: int, size: int, seed: int, colors: str = "color") -> None:
         if size < 16:
             raise DataError(f"generated detection images need a size >= 16, got {size}")
-        self.n, self.size, self.seed = n, size, seed
-        self.categories = Categories(tuple(range(1, len(GENERATED_CLASSES) + 1)), GENERATED_CLASSES)
+        self.n, self.size, self.seed, self.colors = n, size, seed, colors
+        names = tuple(dense_shapes.CLASSES)
+        self.categories = Categories(tuple(range(1, len(names) + 1)), names)
         self.bad = {"images": 0, "annotations": 0}
         self.problems: list[str] = []
 
@@ -349,39 +349,11 @@ class GeneratedInstances(Dataset):
         return list(range(1, self.n + 1))
 
     def draw(self, i: int) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
-        rng = np.random.default_rng([self.seed, i])
-        s = self.size
-        bg = rng.integers(0, 256, 3)
-        img = np.broadcast_to(bg, (s, s, 3)).astype(np.float32)
-        labels, masks, areas = [], [], []
-        for _ in range(int(rng.integers(1, 4))):
-            cls = int(rng.integers(len(GENERATED_CLASSES)))
-            d = rng.uniform(0.25, 0.5) * s
-            x0, y0 = rng.uniform(0, s - d, 2)
-            canvas = Image.new("L", (s, s), 0)
-            draw = ImageDraw.Draw(canvas)
-            if cls == 0:
-                draw.ellipse([x0, y0, x0 + d, y0 + d], fill=1)
-            elif cls == 1:
-                draw.rectangle([x0, y0, x0 + d, y0 + d], fill=1)
-            else:
-                draw.polygon([(x0 + d / 2, y0), (x0 + d, y0 + d), (x0, y0 + d)], fill=1)
-            mask = np.asarray(canvas, dtype=bool)
-            fg = rng.integers(0, 256, 3)
-            for _ in range(8):  # visible against the background
-                if np.abs(fg - bg).sum() > 200:
-                    break
-                fg = rng.integers(0, 256, 3)
-            img[mask] = fg
-            masks = [m & ~mask for m in masks]
-            labels.append(cls + 1)
-            masks.append(mask)
-            areas.append(mask.sum())
-        # an instance mostly hidden by later ones is no longer an object to find
-        keep = [j for j, m in enumerate(masks) if m.sum() >= 0.5 * max(areas[j], 1)]
-        img = img + rng.normal(0, 8, (s, s, 1))
-        pix = np.clip(img, 0, 255).astype(np.uint8)
-        return pix, [labels[j] for j in keep], [masks[j].astype(np.uint8) for j in keep]
+        """(uint8 [H, W, 3] image, labels 1..K, uint8 [H, W] masks) of scene ``i``."""
+        scene = dense_shapes.sample(self.size, self.seed, i, self.colors)
+        labels = [cls for cls, _ in scene.instances]
+        masks = [m.astype(np.uint8) for _, m in scene.instances]
+        return np.array(scene.image.convert("RGB")), labels, masks
 
     def raw(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         pix, labels, masks = self.draw(i)
@@ -426,10 +398,10 @@ def detection_splits(
     """(training split, validation split) of ``path`` (COCO layout) or of the generated data
     (``path=None``); the validation categories must equal the training ones."""
     if path is None:
-        size, seed = synthetic["size"], synthetic["seed"]
+        size, seed, colors = synthetic["size"], synthetic["seed"], synthetic["colors"]
         return (
-            GeneratedInstances(synthetic["train"], size, seed),
-            GeneratedInstances(synthetic["val"], size, seed + 1),
+            GeneratedInstances(synthetic["train"], size, seed, colors),
+            GeneratedInstances(synthetic["val"], size, seed + 1, colors),
         )
     root = Path(path).expanduser()
     if not root.is_dir():

@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from cmae.data.coco import Categories, DetValSet, collate, original_size
@@ -210,21 +211,24 @@ COLORS = [
 
 
 def draw_instances(
-    img: Tensor, target: dict[str, Tensor], names: tuple[str, ...], score_thresh: float
+    img: Tensor, target: dict[str, Tensor], names: tuple[str, ...], height: int, thresh: float
 ) -> np.ndarray:
-    """uint8 [3, H, W] with the instances' masks (half transparent) and boxes, labelled with
-    the class name (and score for detections at or above ``score_thresh``)."""
-    keep = target["scores"] >= score_thresh if "scores" in target else slice(None)
-    boxes, labels, masks = target["boxes"][keep], target["labels"][keep], target["masks"][keep]
-    colors = [COLORS[(int(k) - 1) % len(COLORS)] for k in labels]
-    out = img
-    if len(masks):
-        out = draw_segmentation_masks(out, masks.bool(), alpha=0.5, colors=colors)
+    """uint8 [H', W', 3]: ``img`` (uint8 [3, H, W]) scaled to ``height`` with the instances'
+    masks (half transparent) and boxes, labelled with the class name (and the score of
+    detections, those at or above ``thresh``)."""
+    scale = height / img.shape[1]
+    size = [height, max(1, round(img.shape[2] * scale))]
+    keep = target["scores"] >= thresh if "scores" in target else slice(None)
+    boxes, labels = target["boxes"][keep] * scale, target["labels"][keep]
+    out = TF.resize(img, size, antialias=True)
+    if len(labels):
+        masks = TF.resize(target["masks"][keep], size, TF.InterpolationMode.NEAREST).bool()
+        colors = [COLORS[(int(k) - 1) % len(COLORS)] for k in labels]
         text = [names[int(k) - 1] for k in labels]
         if "scores" in target:
-            text = [
-                f"{t} {s:.2f}" for t, s in zip(text, target["scores"][keep].tolist(), strict=True)
-            ]
+            scores = target["scores"][keep].tolist()
+            text = [f"{t} {s:.2f}" for t, s in zip(text, scores, strict=True)]
+        out = draw_segmentation_masks(out, masks, alpha=0.4, colors=colors)
         out = draw_bounding_boxes(out, boxes, labels=text, colors=colors, width=2)
     return out.permute(1, 2, 0).numpy()
 
@@ -244,13 +248,11 @@ def write_predictions(
     rows = []
     for i in indices:
         raw, target = val_set.base.raw(i)
-        tiles = [
-            draw_instances(raw, preds[i], names, score_thresh),
-            draw_instances(raw, target, names, 0),
-        ]
-        h, w = raw.shape[1:]
-        size = (max(1, round(w * height / h)), height)
-        rows.append(np.concatenate([np.asarray(Image.fromarray(t).resize(size)) for t in tiles], 1))
+        tiles = (
+            draw_instances(raw, preds[i], names, height, score_thresh),
+            draw_instances(raw, target, names, height, 0.0),
+        )
+        rows.append(np.concatenate(tiles, 1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     Image.fromarray(np.concatenate(rows)).save(path)
