@@ -25,7 +25,7 @@ class DetEncoderConfig:
 class DetDataConfig(SyntheticSplits):
     path: str | None = None  # ROOT in the COCO layout; None = built-in generated data
     size: int = 64  # training crop and test long side, inputs padded square; reference 1024
-    scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter
+    scale_range: tuple[float, float] = (0.5, 1.5)  # large-scale jitter; reference (0.1, 2.0)
     hflip: float = 0.5
     # None: the pretraining checkpoint's data.mean/std, else ImageNet's
     mean: tuple[float, float, float] | None = None
@@ -50,12 +50,12 @@ class DetModelConfig:
     global_blocks: tuple[int, ...] | None = None  # None: 4 evenly spaced (ViT-B: 2, 5, 8, 11)
     rel_pos_bias: bool = True  # decomposed relative position embeddings, zero init (ViTDet)
     drop_path: float = 0.1
-    channels: int = 256  # feature pyramid and head width
+    channels: int = 32  # feature pyramid and head width; reference 256
     # anchor side per pyramid level P2..P6 (None: ViTDet's 32, 64, 128, 256, 512)
     anchor_sizes: tuple[int, ...] | None = None
-    rois_per_image: int = 512  # sampled RoIs per training image for the box head
-    proposals: int = 1000  # RPN proposals kept per image after NMS (training and test)
-    detections_per_image: int = 100
+    rois_per_image: int = 32  # sampled RoIs per training image for the box head; reference 512
+    proposals: int = 100  # RPN proposals kept per image after NMS (train and test); ref. 1000
+    detections_per_image: int = 20  # reference 100
 
 
 @dataclass
@@ -69,12 +69,12 @@ class DetectConfig:
     warmup_factor: float = 0.001
     lr_steps: tuple[int, ...] = ()  # lr x lr_gamma at each; reference (163,889, 177,546)
     lr_gamma: float = 0.1
-    batch_size: int = 8  # the GLOBAL batch; reference 64
-    lr: float = 1e-4  # reference 1e-4 at batch 64
+    batch_size: int = 4  # the GLOBAL batch; reference 64
+    lr: float = 1e-3  # reference 1e-4 at batch 64
     weight_decay: float = 0.1  # none on norms, biases, position embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     layer_decay: float = 0.7
-    eval_every: int = 100  # iterations; the last one is always evaluated
+    eval_every: int = 50  # iterations; the last one is always evaluated
     log_every: int = 10
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | none
     threads: int | None = None
