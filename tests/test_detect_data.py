@@ -224,10 +224,10 @@ def test_jitter_crop_flip_keep_boxes_and_masks_on_their_pixels():
             ys, xs = torch.nonzero(m, as_tuple=True)
             tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             assert box.tolist() == [float(v) for v in tight]  # the box is the mask's
-            # the mask covers its own bar's colour: red (label 1) or blue (label 2)
-            rgb = x[:, m.bool()].mean(1)
-            want = torch.tensor([1.0, 0, 0]) if label == 1 else torch.tensor([0, 0, 1.0])
-            assert (rgb - want).abs().max() < 0.2, (seed, label.item(), rgb)
+            # the mask covers its own bar's colour, red (label 1) or blue (label 2), not the
+            # grey around it (edge pixels blend: the image is antialiased, the mask is not)
+            r, _, b = x[:, m.bool()].mean(1).tolist()
+            assert (r - b if label == 1 else b - r) > 0.4, (seed, label.item(), r, b)
             centres[int(label)] = xs.float().mean()
         if len(centres) == 2:  # the red bar is left of the blue one unless flipped
             flips.add(bool(centres[1] > centres[2]))
