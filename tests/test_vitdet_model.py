@@ -222,6 +222,40 @@ def test_train_losses_backward_and_eval_predictions(make):
             assert pred["boxes"][:, 2].max() <= w and pred["boxes"][:, 3].max() <= h
 
 
+def test_an_image_without_instances_trains():
+    """Images without annotations are kept as negatives: no mask or box target, finite losses."""
+    torch.manual_seed(0)
+    model = small_detector(small_vit(), img_size=64).train()
+    sizes = [(64, 56), (48, 64)]
+    targets = instance_targets(sizes)
+    targets[1] = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, 48, 64, dtype=torch.uint8),
+    }
+    losses = model([torch.rand(3, h, w) for h, w in sizes], targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_roi_and_proposal_counts_are_the_given_ones():
+    model = small_detector(
+        small_vit(), num_rois=8, rpn_post_nms_train=20, rpn_post_nms_test=12, detections_per_img=3
+    )
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 8
+    assert model.rpn.train().post_nms_top_n() == 20
+    assert model.rpn.eval().post_nms_top_n() == 12
+    model.eval()
+    with torch.no_grad():
+        preds = model([torch.rand(3, 64, 64)])
+    assert len(preds[0]["boxes"]) == 3  # 10 (the helper's default) without the flag
+    default = build_detector(
+        small_vit(), num_classes=3, img_size=64, image_mean=MEAN, image_std=STD
+    )
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert default.rpn.train().post_nms_top_n() == 1000
+
+
 def test_transform_pads_to_the_square_and_never_resizes():
     t = PadOnlyTransform(64, list(MEAN), list(STD))
     images, _ = t([torch.full((3, 40, 64), 0.5), torch.full((3, 64, 20), 0.75)])
