@@ -133,7 +133,10 @@ class WindowAttention(nn.Module):
             raise ValueError("window attention: gated attention is not supported")
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
-        self.norm, self.proj = attn.norm, attn.proj
+        # timm's optional norm before the projection (Identity unless scale_norm; older timm
+        # versions have none)
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.proj = attn.proj
         self.rel_pos_h = self.rel_pos_w = None
         if rel_pos:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * size[0] - 1, self.head_dim))
