@@ -13,8 +13,10 @@ h, w <= ``img_size``: the model only normalises (``image_mean`` / ``image_std``)
 the ``img_size`` square (bottom / right), it never resizes (``PadOnlyTransform``); resizing and
 jitter are the data pipeline's. ``targets``: torchvision's dicts (``boxes`` [K, 4] xyxy pixels,
 ``labels`` [K] int64 in 1..num_classes-1 (0 is background), ``masks`` [K, h, w] uint8).
-Outputs come back in the input image's pixels. For the optimizer the model has ``num_layers``,
-``layer_id(name)`` and ``no_weight_decay()`` (``cmae.runtime.optim.layer_decay_groups``).
+Outputs come back in the input image's pixels; run inference outside bf16 autocast (under it
+the boxes come back in bf16, whose steps are 4-8 px at 512-2048). For the optimizer the model
+has ``num_layers``, ``layer_id(name)`` and ``no_weight_decay()``
+(``cmae.runtime.optim.layer_decay_groups``).
 
 ViT backbone, as detectron2's ``ViT`` + ``SimpleFeaturePyramid``: the encoder's patch embedding,
 its position embedding (trainable, kept at the pretraining grid and resampled bicubically to the
