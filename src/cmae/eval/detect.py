@@ -84,6 +84,9 @@ def predict(
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=worker_init_fn,
+        # its own generator: an iterator's base seed would otherwise be drawn from the global
+        # one, and evaluating would change the training's random draws (and exact resume)
+        generator=torch.Generator(),
     )
     out = {}
     for imgs, factors, idx in loader:
