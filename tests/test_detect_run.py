@@ -51,7 +51,7 @@ def test_run_writes_results_predictions_log_and_resumes_exactly(tmp_path):
         assert set(res[t]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert set(res["per_category"]["bbox"]) == set(res["categories"])
     assert res["config"]["model"]["channels"] == 16 and res["iteration"] == 4
-    assert (straight / "predictions.png").is_file()
+    assert (straight / "predictions.png").is_file() and (straight / "curves.png").is_file()
     lines = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss_mask" in r] == [1, 2, 3, 4]
     assert any(r.get("eval") and "bbox_AP50" in r for r in lines)

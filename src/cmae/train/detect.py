@@ -11,6 +11,7 @@ box classifier and regression, mask). The run's lifecycle (lock, stop signals, c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -34,7 +35,13 @@ from cmae.data.coco import (
 from cmae.data.datasets import loader_workers
 from cmae.data.sampling import EpochSampler
 from cmae.errors import ConfigError
-from cmae.eval.detect import STAT_NAMES, evaluate, ground_truth, write_predictions
+from cmae.eval.detect import (
+    STAT_NAMES,
+    evaluate,
+    ground_truth,
+    write_curves,
+    write_predictions,
+)
 from cmae.eval.frozen import eval_normalization
 from cmae.interop.encoders import EncoderWeights, load_encoder_weights
 from cmae.models.cmae import make_encoder
@@ -377,6 +384,8 @@ def finish(
         picks = sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(n)})
         path = job.out_dir / "predictions.png"
         write_predictions(model, data.val_set, picks, data.categories.names, device, path)
+    log = [json.loads(line) for line in (job.out_dir / "log.jsonl").read_text().splitlines()]
+    write_curves(log, job.out_dir / "curves.png", str(job.out_dir))
     box, mask = results["bbox"], results["segm"]
     print(
         f"cmae detect: box AP {box['AP']:.2f} (AP50 {box['AP50']:.2f}), mask AP {mask['AP']:.2f} "
