@@ -256,6 +256,26 @@ def test_roi_and_proposal_counts_are_the_given_ones():
     assert default.rpn.train().post_nms_top_n() == 1000
 
 
+def test_box_coordinates_stay_fp32_under_bf16_autocast():
+    """Layers run in bf16, but anchors, proposals and boxes are fp32 (bf16 coordinates would be
+    4-8 px coarse at 512-2048 px)."""
+    torch.manual_seed(0)
+    model = small_detector(small_vit(), img_size=64)
+    sizes = [(64, 56), (48, 64)]
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.backbone(torch.rand(1, 3, 64, 64))
+        losses = model(images, instance_targets(sizes))
+        model.eval()
+        with torch.no_grad():
+            preds = model(images)
+    assert all(f.dtype == torch.float32 for f in feats.values())
+    assert all(torch.isfinite(v) for v in losses.values())
+    for pred in preds:
+        assert len(pred["boxes"]) > 0
+        assert pred["boxes"].dtype == pred["scores"].dtype == pred["masks"].dtype == torch.float32
+
+
 def test_transform_pads_to_the_square_and_never_resizes():
     t = PadOnlyTransform(64, list(MEAN), list(STD))
     images, _ = t([torch.full((3, 40, 64), 0.5), torch.full((3, 64, 20), 0.75)])

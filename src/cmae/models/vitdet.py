@@ -13,10 +13,11 @@ h, w <= ``img_size``: the model only normalises (``image_mean`` / ``image_std``)
 the ``img_size`` square (bottom / right), it never resizes (``PadOnlyTransform``); resizing and
 jitter are the data pipeline's. ``targets``: torchvision's dicts (``boxes`` [K, 4] xyxy pixels,
 ``labels`` [K] int64 in 1..num_classes-1 (0 is background), ``masks`` [K, h, w] uint8).
-Outputs come back in the input image's pixels; run inference outside bf16 autocast (under it
-the boxes come back in bf16, whose steps are 4-8 px at 512-2048). For the optimizer the model
-has ``num_layers``, ``layer_id(name)`` and ``no_weight_decay()``
-(``cmae.runtime.optim.layer_decay_groups``).
+Outputs come back in the input image's pixels. Under autocast (bf16 / fp16) the layers run in
+its dtype but every box coordinate stays fp32: the pyramid maps (torchvision makes its anchors in
+their dtype) and the RPN and box predictors' outputs (decoded in their dtype) are cast to fp32,
+as detectron2 decodes its boxes in fp32. For the optimizer the model has ``num_layers``,
+``layer_id(name)`` and ``no_weight_decay()`` (``cmae.runtime.optim.layer_decay_groups``).
 
 ViT backbone, as detectron2's ``ViT`` + ``SimpleFeaturePyramid``: the encoder's patch embedding,
 its position embedding (trainable, kept at the pretraining grid and resampled bicubically to the
@@ -241,7 +242,10 @@ def output_convs(cin: int, cout: int) -> nn.Sequential:
 
 
 def with_p6(levels: list[Tensor]) -> OrderedDict[str, Tensor]:
-    """P2..P5 + P6 (P5 subsampled by 2, the RPN's extra level) under torchvision's names."""
+    """P2..P5 + P6 (P5 subsampled by 2, the RPN's extra level) under torchvision's names, fp32."""
+    # fp32 maps: torchvision makes its anchors in the maps' dtype, and bf16 anchors would sit on
+    # a 2-8 px lattice at 256-2048 px (the convs that read the maps still run in autocast's dtype)
+    levels = [f.float() for f in levels]
     out = OrderedDict(zip(FEATURE_NAMES, levels, strict=True))
     out["pool"] = F.max_pool2d(levels[-1], kernel_size=1, stride=2)
     return out
@@ -386,6 +390,30 @@ class PadOnlyTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+class RPNHeadFp32(RPNHead):
+    """torchvision's RPN head, its outputs in fp32: the proposals are decoded from them (in their
+    dtype), and bf16 boxes would be 4-8 px coarse at 512-2048 px."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class BoxPredictorFp32(FastRCNNPredictor):
+    """torchvision's box predictor, its scores and box deltas in fp32 (as ``RPNHeadFp32``)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
+class MaskPredictorFp32(MaskRCNNPredictor):
+    """torchvision's mask predictor, its logits in fp32 (pasted into the image as they are)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).float()
+
+
 class ViTDetMaskRCNN(MaskRCNN):
     """torchvision's ``MaskRCNN`` with the layer-decay interface of ``cmae segment``'s UperNet:
     the backbone's layers, the pyramid and every head in the top layer."""
@@ -457,15 +485,15 @@ def build_detector(
     model = ViTDetMaskRCNN(
         backbone,
         rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(c, len(ASPECT_RATIOS), conv_depth=2),
+        rpn_head=RPNHeadFp32(c, len(ASPECT_RATIOS), conv_depth=2),
         rpn_post_nms_top_n_train=rpn_post_nms_train,
         rpn_post_nms_top_n_test=rpn_post_nms_test,
         box_head=FastRCNNConvFCHead((c, 7, 7), [c] * 4, [1024], norm_layer=LayerNorm2d),
-        box_predictor=FastRCNNPredictor(1024, num_classes),
+        box_predictor=BoxPredictorFp32(1024, num_classes),
         box_batch_size_per_image=num_rois,
         box_detections_per_img=detections_per_img,
         mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=LayerNorm2d),
-        mask_predictor=MaskRCNNPredictor(c, c, num_classes),
+        mask_predictor=MaskPredictorFp32(c, c, num_classes),
     )
     model.transform = PadOnlyTransform(img_size, list(image_mean), list(image_std))
     return model
