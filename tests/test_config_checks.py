@@ -21,6 +21,7 @@ from cmae.config import (
     to_dict,
 )
 from cmae.config.base import compose
+from cmae.config.detect import DetectConfig, load_detect_config
 from cmae.config.segment import SegmentConfig
 
 PRETRAIN = [
@@ -199,7 +200,7 @@ SEGMENT = [
     (["model.layer_scale=0"], "model.layer_scale"),
     (["iters=0"], "iters"),
     (["warmup_iters=-1"], "warmup_iters"),
-    (["warmup_iters=300"], "warmup_iters"),
+    (["warmup_iters=500"], "warmup_iters"),
     (["max_iters=0"], "max_iters"),
     (["batch_size=0"], "batch_size"),
     (["lr=0"], "lr"),
@@ -212,6 +213,53 @@ SEGMENT = [
     (["save_every=-1"], "save_every"),
     (["log_every=0"], "log_every"),
     (["keep_last=0"], "keep_last"),
+    (["amp=fp16"], "amp"),
+    (["threads=0"], "threads"),
+    (["device=tpu"], "device"),
+    (["resume=''"], "resume"),
+]
+
+
+DETECT = [
+    (["encoder.preset=nope"], "encoder.preset"),
+    (["data.size=0"], "data.size"),
+    (["data.scale_range=[0,2]"], "data.scale_range"),
+    (["data.scale_range=[2,1]"], "data.scale_range"),
+    (["data.hflip=2"], "data.hflip"),
+    (["data.std=[0,1,1]"], "data.std"),
+    (["data.max_bad_fraction=1.5"], "data.max_bad_fraction"),
+    (["data.max_bad_fraction=1"], "data.max_bad_fraction"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["data.vis_images=-1"], "data.vis_images"),
+    (["data.synthetic_train=0"], "data.synthetic_train"),
+    (["data.synthetic_size=8"], "data.synthetic_size"),
+    (["model.window_size=0"], "model.window_size"),
+    (["model.global_blocks=[-1]"], "model.global_blocks"),
+    (["model.drop_path=1"], "model.drop_path"),
+    (["model.anchor_sizes=[8,16]"], "model.anchor_sizes"),
+    (["model.anchor_sizes=[8,16,32,64,0]"], "model.anchor_sizes"),
+    (["model.channels=0"], "model.channels"),
+    (["model.rois_per_image=0"], "model.rois_per_image"),
+    (["model.proposals=0"], "model.proposals"),
+    (["model.detections_per_image=0"], "model.detections_per_image"),
+    (["iters=0"], "iters"),
+    (["warmup_iters=-1"], "warmup_iters"),
+    (["warmup_iters=400"], "warmup_iters"),
+    (["warmup_factor=0"], "warmup_factor"),
+    (["lr_steps=[20,10]"], "lr_steps"),
+    (["lr_steps=[0]"], "lr_steps"),
+    (["lr_gamma=0"], "lr_gamma"),
+    (["max_iters=0"], "max_iters"),
+    (["batch_size=0"], "batch_size"),
+    (["lr=0"], "lr"),
+    (["weight_decay=-1"], "weight_decay"),
+    (["layer_decay=0"], "layer_decay"),
+    (["betas=[1.0,0.9]"], "betas"),
+    (["eval_every=-1"], "eval_every"),
+    (["save_every=-1"], "save_every"),
+    (["log_every=0"], "log_every"),
+    (["keep_last=0"], "keep_last"),
+    (["max_bad_steps=0"], "max_bad_steps"),
     (["amp=fp16"], "amp"),
     (["threads=0"], "threads"),
     (["device=tpu"], "device"),
@@ -250,6 +298,13 @@ def test_eval_check_names_the_key(cls, overrides, key):
     assert_names(e.value, key)
 
 
+@pytest.mark.parametrize("overrides,key", DETECT, ids=row_id)
+def test_detect_check_names_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_detect_config(None, overrides)
+    assert_names(e.value, key)
+
+
 @pytest.mark.parametrize("overrides,key", SEGMENT, ids=row_id)
 def test_segment_check_names_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -263,6 +318,7 @@ def test_the_defaults_pass():
     for cls in EVAL_ALL:
         load_eval_config(cls, None, [])
     load_segment_config(None, [])
+    load_detect_config(None, [])
 
 
 def test_a_bad_choice_names_the_allowed_values():
@@ -292,7 +348,9 @@ def test_choices_are_plain_strings_in_config_yaml_and_checkpoints(tmp_path):
     assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == d
 
 
-@pytest.mark.parametrize("cls", [Config, SegmentConfig, KnnConfig, LinprobeConfig, FinetuneConfig])
+@pytest.mark.parametrize(
+    "cls", [Config, SegmentConfig, DetectConfig, KnnConfig, LinprobeConfig, FinetuneConfig]
+)
 def test_every_config_round_trips_through_its_dict(cls):
     cfg = compose(cls, [])
     assert compose(cls, [("", to_dict(cfg))]) == cfg == cls()

@@ -82,6 +82,29 @@ COMMANDS = {
         ],
         12,
     ),
+    "detect": (
+        [
+            "--checkpoint",
+            "random",
+            "encoder.preset=quick",
+            "data.size=32",
+            "data.synthetic_size=32",
+            "data.synthetic_train=16",
+            "data.synthetic_val=2",
+            "data.num_workers=1",
+            "data.vis_images=0",
+            "model.channels=16",
+            "model.rois_per_image=8",
+            "model.proposals=20",
+            "model.detections_per_image=5",
+            "batch_size=2",
+            "iters=12",
+            "warmup_iters=2",
+            "eval_every=0",
+            "threads=1",
+        ],
+        12,
+    ),
 }
 KEY_PREFIX = {"pretrain": "train."}
 RESULTS = {"pretrain": "summary.json"}  # the end-of-run results file; else results.json

@@ -21,6 +21,7 @@ from cmae.config import (
     load_eval_config,
     load_segment_config,
 )
+from cmae.config.detect import load_detect_config
 from cmae.data import shards
 from cmae.data.datasets import DataError, list_images
 from cmae.eval import features, knn, linprobe
@@ -31,13 +32,13 @@ from cmae.runtime.distributed import PeerFailed, is_peer_failure, peer_failure, 
 from cmae.runtime.faults import EXIT_PREEMPTED, STOP_SIGNALS, NonFiniteError, Preempted
 from cmae.runtime.progress import Progress
 from cmae.runtime.runlock import RunDirBusy
-from cmae.train import finetune, pretrain, segment
+from cmae.train import detect, finetune, pretrain, segment
 from cmae.viz.plot import MissingDependencyError, plot_run, plot_runs
 from cmae.viz.visualize import visualize_files
 
 # the commands that train (cmae.train.lifecycle): they stop on SIGTERM / SIGUSR1 with exit 75
 # and the same command resumes
-TRAINING_COMMANDS = ("pretrain", "finetune", "segment")
+TRAINING_COMMANDS = ("pretrain", "finetune", "segment", "detect")
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -134,6 +135,48 @@ def _add_segment_command(sub) -> None:
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. iters=1000"
     )
     p.set_defaults(func=_segment)
+
+
+def _detect(args: argparse.Namespace) -> None:
+    overrides = []
+    if args.checkpoint is not None:
+        overrides.append(f"encoder.checkpoint={json.dumps(args.checkpoint)}")
+    if args.data is not None:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.out is not None:
+        overrides.append(f"out={json.dumps(args.out)}")
+    cfg = load_detect_config(args.config, overrides + list(args.overrides))
+    with peer_failures_reported(cfg.out, "cmae detect"):
+        detect.run(cfg)
+
+
+def _add_detect_command(sub) -> None:
+    p = sub.add_parser(
+        "detect", help="object detection and instance segmentation (ViTDet Mask R-CNN, COCO AP)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint.pt of `cmae pretrain`, an encoder.safetensors, or 'random' (a fresh "
+        "encoder of encoder.preset); default: the config's encoder.checkpoint (random)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="ROOT with images/{train,val}/ and annotations/instances_{train,val}.json (COCO "
+        "layout, or the 2017 names); default: built-in generated instances",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: runs/detect)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="preset (coco_vit_base, pennfudan_cpu) or a YAML file, e.g. a previous "
+        "OUT/config.yaml",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. iters=1000"
+    )
+    p.set_defaults(func=_detect)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -440,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=_evaluate)
     _add_segment_command(sub)
+    _add_detect_command(sub)
     _add_interop_commands(sub)
     _add_features_command(sub)
     _add_shards_command(sub)
@@ -458,9 +502,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args
-
-
-TRAINING_COMMANDS = ("pretrain", "finetune", "segment")
 
 
 def main(argv: list[str] | None = None) -> int:
