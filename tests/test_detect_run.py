@@ -9,7 +9,8 @@ import torch
 from cmae.cli import main
 from cmae.config.detect import load_detect_config
 from cmae.errors import ConfigError
-from cmae.train.detect import default_window, multistep_lr
+from cmae.runtime.optim import multistep_lr
+from cmae.train.detect import default_window
 from tests.test_detect_data import write_coco
 
 

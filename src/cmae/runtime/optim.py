@@ -73,6 +73,17 @@ def poly_lr(
     return (base_lr - min_lr) * (1 - frac) ** power + min_lr
 
 
+def multistep_lr(
+    step: int, lr: float, warmup: int, factor: float, steps: tuple[int, ...], gamma: float
+) -> float:
+    """Linear warmup from lr x ``factor`` over ``warmup`` iterations, times ``gamma`` for each
+    of ``steps`` passed (detectron2's WarmupParamScheduler over a MultiStepParamScheduler)."""
+    scale = gamma ** sum(step >= s for s in steps)
+    if step < warmup:
+        scale *= factor + (1 - factor) * step / warmup
+    return lr * scale
+
+
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``: patch embed,
     cls token and pos-embed are layer 0, block i is layer i + 1, norm and head depth + 1. No

@@ -56,22 +56,11 @@ from cmae.runtime.distributed import (
     wrap_model,
 )
 from cmae.runtime.faults import BadSteps, buffer_values, poison_nonfinite, skip_nonfinite_step
-from cmae.runtime.optim import layer_decay_groups, set_lr
+from cmae.runtime.optim import layer_decay_groups, multistep_lr, set_lr
 from cmae.runtime.resume import training_state
 from cmae.train.lifecycle import TrainingJob
 
 IOU_TYPES = ("bbox", "segm")
-
-
-def multistep_lr(
-    step: int, lr: float, warmup: int, factor: float, steps: tuple[int, ...], gamma: float
-) -> float:
-    """Linear warmup from lr x ``factor`` over ``warmup`` iterations, times ``gamma`` for each
-    of ``steps`` passed (detectron2's WarmupParamScheduler over a MultiStepParamScheduler)."""
-    scale = gamma ** sum(step >= s for s in steps)
-    if step < warmup:
-        scale *= factor + (1 - factor) * step / warmup
-    return lr * scale
 
 
 # ---------------------------------------------------------------------------------------------
