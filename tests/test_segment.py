@@ -324,7 +324,7 @@ def test_short_run_on_generated_data_learns(tmp_path):
     args = ["segment", "--out", str(out), *SEGMENT_SMALL]  # no --checkpoint: a random-init encoder
     assert main([*args, "iters=40", "warmup_iters=4", "lr=0.001", "eval_every=20"]) == 0
     res = json.loads((out / "results.json").read_text())
-    for name in ("config.yaml", "log.jsonl", "predictions.png", "checkpoint.pt"):
+    for name in ("config.yaml", "log.jsonl", "predictions.png", "curves.png", "checkpoint.pt"):
         assert (out / name).is_file(), name
     evals = [
         r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval" in r

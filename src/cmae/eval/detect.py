@@ -260,37 +260,3 @@ def write_predictions(
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     Image.fromarray(np.concatenate(rows)).save(path)
     return path
-
-
-LOSS_NAMES = ("loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
-              "loss_mask")  # fmt: skip
-
-
-def write_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """``path``: the losses and the box / mask AP and AP50 against the iteration, from the
-    run's log records; None (nothing drawn) without matplotlib, the optional ``vis`` extra."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
-    ax_loss, ax_ap = fig.subplots(1, 2)
-    for key in LOSS_NAMES:
-        pts = [(r["step"], r[key]) for r in records if key in r and "eval" not in r]
-        if pts:
-            ax_loss.plot(*zip(*pts, strict=True), label=key, linewidth=2 if key == "loss" else 1)
-    evals = [r for r in records if r.get("eval")]
-    for key, style in (("bbox_AP50", "o-"), ("bbox_AP", "o--"), ("segm_AP50", "s-"),
-                       ("segm_AP", "s--")):  # fmt: skip
-        pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-        if pts:
-            ax_ap.plot(*zip(*pts, strict=True), style, label=key.replace("_", " "))
-    ax_loss.set_title("training losses")
-    ax_ap.set_title("validation AP (%)")
-    for ax in (ax_loss, ax_ap):
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path)
-    return path

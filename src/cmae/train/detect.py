@@ -39,7 +39,6 @@ from cmae.eval.detect import (
     STAT_NAMES,
     evaluate,
     ground_truth,
-    write_curves,
     write_predictions,
 )
 from cmae.eval.frozen import eval_normalization
@@ -59,6 +58,7 @@ from cmae.runtime.faults import BadSteps, buffer_values, poison_nonfinite, skip_
 from cmae.runtime.optim import layer_decay_groups, multistep_lr, set_lr
 from cmae.runtime.resume import training_state
 from cmae.train.lifecycle import TrainingJob
+from cmae.viz.plot import dense_curves
 
 IOU_TYPES = ("bbox", "segm")
 
@@ -381,7 +381,11 @@ def finish(
         path = job.out_dir / "predictions.png"
         write_predictions(model, data.val_set, picks, data.categories.names, device, path)
     log = [json.loads(line) for line in (job.out_dir / "log.jsonl").read_text().splitlines()]
-    write_curves(log, job.out_dir / "curves.png", str(job.out_dir))
+    losses = ("loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
+              "loss_mask")  # fmt: skip
+    metrics = (("bbox_AP50", "o-"), ("bbox_AP", "o--"), ("segm_AP50", "s-"), ("segm_AP", "s--"))
+    title = str(job.out_dir)
+    dense_curves(log, job.out_dir / "curves.png", title, losses, metrics, "validation AP (%)")
     box, mask = results["bbox"], results["segm"]
     print(
         f"cmae detect: box AP {box['AP']:.2f} (AP50 {box['AP50']:.2f}), mask AP {mask['AP']:.2f} "

@@ -11,6 +11,7 @@ as ``cmae pretrain``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -52,6 +53,7 @@ from cmae.runtime.faults import (
 from cmae.runtime.optim import layer_decay_groups, poly_lr, set_lr
 from cmae.runtime.resume import training_state
 from cmae.train.lifecycle import TrainingJob
+from cmae.viz.plot import dense_curves
 
 METRICS = ("step", "mIoU", "mAcc", "aAcc")  # an evaluation's line in log.jsonl
 
@@ -369,8 +371,9 @@ def finish(
     weights: EncoderWeights,
     device: torch.device,
 ) -> dict:
-    """OUT/results.json (the last evaluation in full, the best one, the run's facts) and
-    OUT/predictions.png; rank 0."""
+    """OUT/results.json (the last evaluation in full, the best one, the run's facts),
+    OUT/predictions.png and OUT/curves.png (losses and validation mIoU; with matplotlib);
+    rank 0."""
     last, best, wall = evaluations.last, evaluations.best, job.wall_s
     results = {
         **{k: last[k] for k in METRICS[1:]},
@@ -394,6 +397,12 @@ def finish(
         crop, stride = cfg.data.crop, cfg.data.stride
         path = job.out_dir / "predictions.png"
         write_predictions(model, data.val_base, data.val_set, picks, crop, stride, device, path)
+    log = [json.loads(line) for line in (job.out_dir / "log.jsonl").read_text().splitlines()]
+    metrics = (("mIoU", "o-"), ("mAcc", "s--"), ("aAcc", "^:"))
+    title = str(job.out_dir)
+    dense_curves(
+        log, job.out_dir / "curves.png", title, ("loss", "loss_aux"), metrics, "validation (%)"
+    )
     print(
         f"cmae segment: mIoU {percent(results['mIoU'])} mAcc {percent(results['mAcc'])} aAcc "
         f"{percent(results['aAcc'])} at iteration {step} (best mIoU {percent(best['mIoU'])} at "

@@ -286,3 +286,41 @@ def write_summary(
     out = run_dir / "summary.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def dense_curves(
+    records: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    losses: tuple[str, ...],
+    metrics: tuple[tuple[str, str], ...],
+    metric_title: str,
+) -> Path | None:
+    """``path``: a dense-task run's training ``losses`` (the first drawn thicker) and its
+    validation ``metrics`` ((key, matplotlib style) pairs, from the ``"eval"`` records) against
+    the iteration, from its log records; None (nothing drawn) without matplotlib (the ``vis``
+    extra), which a run does not need."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    for key in losses:
+        pts = [(r["step"], r[key]) for r in records if key in r and "eval" not in r]
+        if pts:
+            ax_loss.plot(*zip(*pts, strict=True), label=key, linewidth=2 if key == losses[0] else 1)
+    evals = [r for r in records if r.get("eval")]
+    for key, style in metrics:
+        pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if pts:
+            ax_metric.plot(*zip(*pts, strict=True), style, label=key.replace("_", " "))
+    ax_loss.set_title("training losses")
+    ax_metric.set_title(metric_title)
+    for ax in (ax_loss, ax_metric):
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path)
+    return path
