@@ -25,6 +25,10 @@ Pretraining (``ShardStream``) under DDP and data-loader workers:
   stream's start) and flagged bad, so ``data.max_bad_fraction`` applies as to a bad file.
 Within a shard the order is the written one (``cmae shards`` writes a seeded shuffle of the
 folder); the order of the shards changes every epoch.
+
+The evaluation commands: kNN and the fast linear probe stream the shards once
+(``ShardImages``); fine-tuning, the full linear probe and ``cmae features`` index their items,
+so they read local shards with random access (``ShardFiles``) and refuse ``pipe:`` ones.
 """
 
 from __future__ import annotations
