@@ -542,17 +542,20 @@ def is_shards(path: str | Path | None) -> bool:
 
 
 def refuse_shards(path: str | Path) -> None:
-    """A one-line DataError where tar shards reach a command that needs indexed images."""
+    """A one-line DataError where tar shards reach code that needs a folder or a list file."""
     if is_shards(path):
-        raise DataError(
-            f"{path}: tar shards are read by cmae pretrain, knn and linprobe (mode=fast) only; "
-            "here pass a folder or a list file"
-        )
+        raise DataError(f"{path}: tar shards are not read here; pass a folder or a list file")
 
 
-def open_images(path: str | Path, transform: Callable | None = None) -> ImageFiles | ImageList:
-    """A folder (``ImageFiles``) or a list file (``ImageList``)."""
-    refuse_shards(path)
+def open_images(
+    path: str | Path, transform: Callable | None = None, command: str = "this command"
+) -> Dataset:
+    """A folder (``ImageFiles``), a list file (``ImageList``) or local tar shards
+    (``cmae.data.shards.ShardFiles``; ``pipe:`` shards are refused naming ``command``)."""
+    if is_shards(path):
+        from cmae.data.shards import open_shard_files  # it imports this module
+
+        return open_shard_files(str(path), transform, command)
     path = Path(path).expanduser()
     if path.is_file() and is_list_file(path):
         return ImageList(path, transform)
@@ -646,11 +649,15 @@ def labelled_splits(
     train_transform: Callable,
     eval_transform: Callable,
     synthetic: dict[str, Any],
+    command: str = "this command",
 ) -> tuple[Dataset, Dataset, list[str]]:
     """(train set, held-out set, class names) for the evaluation commands.
 
     ``path=None`` uses the generated shapes (the same train / held-out seeds as pretraining);
-    otherwise ``path`` must hold train/ and val/ (or test/) with the same class folders.
+    local tar shards (a pattern with "train" and a "val" or "test" twin, as kNN finds them)
+    are read with random access (``cmae.data.shards.shard_file_splits``; ``pipe:`` shards are
+    refused naming ``command``); otherwise ``path`` must hold train/ and val/ (or test/) with
+    the same class folders.
     """
     if path is None:
         n, size, s = synthetic["train"], synthetic["size"], synthetic["seed"]
@@ -658,7 +665,10 @@ def labelled_splits(
         train = SyntheticShapes(n, size, s, train_transform, colors=colors)
         held = SyntheticShapes(synthetic["val"], size, s + 1_000_003, eval_transform, colors=colors)
         return train, held, train.classes
-    refuse_shards(path)
+    if is_shards(path):
+        from cmae.data.shards import shard_file_splits  # it imports this module
+
+        return shard_file_splits(str(path), train_transform, eval_transform, command)
     root = Path(path).expanduser()
     if not (root.is_dir() or (root.is_file() and is_list_file(root))):
         raise DataError(f"data path does not exist or is not a directory or list file: {root}")

@@ -25,6 +25,10 @@ Pretraining (``ShardStream``) under DDP and data-loader workers:
   stream's start) and flagged bad, so ``data.max_bad_fraction`` applies as to a bad file.
 Within a shard the order is the written one (``cmae shards`` writes a seeded shuffle of the
 folder); the order of the shards changes every epoch.
+
+The evaluation commands: kNN and the fast linear probe stream the shards once
+(``ShardImages``); fine-tuning, the full linear probe and ``cmae features`` index their items,
+so they read local shards with random access (``ShardFiles``) and refuse ``pipe:`` ones.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -558,6 +563,22 @@ class FirstSamples(Dataset):
 def shard_splits(pattern: str, transform: Callable) -> tuple[ShardImages, ShardImages, list[str]]:
     """(train, held-out, classes) for the evaluation commands: ``pattern`` names the train
     shards and has "train" in it; the held-out ones are its twin with "val" (or "test")."""
+    train, held = _split_sets(pattern)
+    return ShardImages(train, transform), ShardImages(held, transform), train.classes
+
+
+def shard_file_splits(
+    pattern: str, train_transform: Callable, eval_transform: Callable, command: str
+) -> tuple[ShardFiles, ShardFiles, list[str]]:
+    """``shard_splits`` with random access (``ShardFiles``) for the commands that index their
+    data (fine-tuning, the full linear probe); ``pipe:`` shards are refused (``command``: what
+    needs the random access, for the message)."""
+    refuse_streamed(pattern, command)
+    train, held = _split_sets(pattern)
+    return ShardFiles(train, train_transform), ShardFiles(held, eval_transform), train.classes
+
+
+def _split_sets(pattern: str) -> tuple[ShardSet, ShardSet]:
     token = next((t for t in pattern.split() if ".tar" in t), pattern)
     head, _, name = token.rpartition("/")
     if "train" not in name:
@@ -586,4 +607,184 @@ def shard_splits(pattern: str, transform: Callable) -> tuple[ShardImages, ShardI
             f"{pattern}: evaluation needs the class names in {INDEX_NAME} (as `cmae shards` "
             "writes from class folders), the same for both splits"
         )
-    return ShardImages(train, transform), ShardImages(held, transform), train.classes
+    return train, held
+
+
+# ---------------------------------------------------------------------------------------------
+# random access: local shards as a map-style data set
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip bz2 xz zstd
+
+
+def refuse_streamed(pattern: str, command: str, other: str = "") -> None:
+    """A one-line DataError for ``pipe:`` shards where ``command`` (what needs random
+    access, e.g. "fine-tuning") reads them; ``other``: a further way out, if any."""
+    if str(pattern).startswith("pipe:"):
+        raise DataError(
+            f"--data: {command} needs random access to the images, which pipe: shards (a "
+            "stream) cannot give; copy the shards to a local disk and pass their local "
+            f"pattern{other}"
+        )
+
+
+@dataclass
+class _Member:
+    offset: int  # of the data in the shard file
+    size: int
+
+
+@dataclass
+class _Entry:
+    shard: int
+    key: str
+    image: _Member | None  # None: no image member in the sample
+    ext: str
+    cls: _Member | None
+    txt: _Member | None
+
+
+def index_shard(path: str) -> list[_Entry]:
+    """The samples of one local, uncompressed tar with each member's data offset and size
+    (headers only: tarfile seeks past the data). A corrupt or truncated tail ends the list
+    (the samples before it are kept); a member cut short keeps its full size, so reading it
+    finds the missing bytes."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(_COMPRESSED):
+        raise DataError(
+            f"shard {path} is compressed: random access needs plain .tar shards "
+            "(`cmae shards` writes those)"
+        )
+    entries: list[_Entry] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = _key_ext(m.name)
+                if not entries or entries[-1].key != key:
+                    entries.append(_Entry(-1, key, None, "", None, None))
+                e, member = entries[-1], _Member(m.offset_data, m.size)
+                if ext in IMAGE_KEYS and e.image is None:
+                    e.image, e.ext = member, ext
+                elif ext == "cls":
+                    e.cls = member
+                elif ext == "txt":
+                    e.txt = member
+    except (tarfile.TarError, EOFError, OSError) as e:
+        print(f"cmae: shard {path} is corrupt after {len(entries)} samples: {e}", file=sys.stderr)
+    return entries
+
+
+class ShardFiles(Dataset):
+    """Local shards with random access: ``(image, label)`` items like ``ImageFiles``, read by
+    a seek into the shard (``index_shard`` lists every member's offset once, when built; the
+    offsets are kept in NumPy arrays, a few bytes a sample, which loader workers share).
+
+    The order is the source folder's (each sample's ``.txt``, the path ``cmae shards`` stores,
+    sorted as ``list_images`` sorts) when every sample has one, so a folder and its shards give
+    the same items at the same indices (the same fine-tuning run for the same seeds); else the
+    shards' order. A sample the index counts but the shard lacks, a member cut short or an
+    undecodable image raises DataError from ``__getitem__``: the bad-image policy of a folder.
+    ``names``: the ``.txt`` paths (else ``shard-name:key``); ``keys``: the sample keys (None
+    for a missing sample).
+    """
+
+    def __init__(self, shards: ShardSet, transform: Callable | None = None) -> None:
+        self.urls, self.transform = list(shards.urls), transform
+        self.as_tensor = bool(getattr(transform, "takes_tensor", False))
+        self.classes = list(shards.classes)
+        self._fds: dict[int, int] = {}
+        entries: list[_Entry | None] = []
+        for sid, (url, count) in enumerate(zip(shards.urls, shards.counts, strict=True)):
+            found = index_shard(url)
+            for e in found:
+                e.shard = sid
+            # the index's count rules: samples missing from a damaged shard read as bad
+            entries += found[:count] + [None] * max(0, count - len(found))
+        labels = [self._label(e) for e in entries]
+        names = [self._name(i, e) for i, e in enumerate(entries)]
+        order = list(range(len(entries)))
+        if entries and all(e is not None and e.txt is not None for e in entries):
+            order.sort(key=lambda i: _folder_key(names[i]))
+        entries = [entries[i] for i in order]
+        self.labels = [labels[i] for i in order]
+        self._names = [names[i] for i in order]
+        self.keys = [e.key if e is not None else None for e in entries]
+        self._exts = [sys.intern(e.ext) if e is not None else "" for e in entries]
+        # shard -1: missing from its shard; size -1: a sample without an image
+        self._shard = np.array([e.shard if e is not None else -1 for e in entries], np.int32)
+        img = [e.image if e is not None and e.image is not None else None for e in entries]
+        self._offset = np.array([m.offset if m else 0 for m in img], np.int64)
+        self._size = np.array([m.size if m else -1 for m in img], np.int64)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}  # a worker opens its own files
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _read(self, sid: int, member: _Member, what: str) -> bytes:
+        fd = self._fds.get(sid)
+        if fd is None:
+            try:
+                fd = self._fds[sid] = os.open(self.urls[sid], os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"cannot open shard {self.urls[sid]}: {e}") from e
+        data = os.pread(fd, member.size, member.offset)  # no shared file position
+        if len(data) != member.size:
+            raise DataError(f"shard {self.urls[sid]}: {what} is truncated")
+        return data
+
+    def _label(self, e: _Entry | None) -> int:
+        if e is None or e.cls is None:
+            return -1
+        try:
+            return int(self._read(e.shard, e.cls, f"{e.key}.cls").decode().strip())
+        except (DataError, ValueError, UnicodeDecodeError):
+            return -1
+
+    def _name(self, i: int, e: _Entry | None) -> str:
+        if e is not None and e.txt is not None:
+            try:
+                return self._read(e.shard, e.txt, f"{e.key}.txt").decode()
+            except (DataError, UnicodeDecodeError):
+                pass
+        shard = self.urls[e.shard if e is not None else 0].rsplit("/", 1)[-1]
+        return f"{shard}:{e.key if e is not None else f'#{i}'}"
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        sid, size = int(self._shard[i]), int(self._size[i])
+        if sid < 0:
+            raise DataError(f"sample {self._names[i]} is missing from its corrupt shard")
+        key, url = self.keys[i], self.urls[sid]
+        if size < 0:
+            raise DataError(f"shard {url}: sample {key} has no image")
+        what = f"{key}.{self._exts[i]}"
+        data = self._read(sid, _Member(int(self._offset[i]), size), what)
+        img = decode_bytes(data, f"{url}:{what}", self.as_tensor)
+        return (self.transform(img) if self.transform else img), self.labels[i]
+
+
+def _folder_key(name: str) -> tuple[tuple[str, ...], str]:
+    """``list_images``'s order (a walk with sorted folders, a folder's files before its
+    subfolders') as a sort key of a relative path."""
+    parts = tuple(name.split("/"))
+    return parts[:-1], parts[-1]
+
+
+def open_shard_files(pattern: str, transform: Callable | None, command: str) -> ShardFiles:
+    """One local shard pattern as a ``ShardFiles`` (``cmae features``)."""
+    refuse_streamed(pattern, command)
+    return ShardFiles(open_shards(pattern), transform)

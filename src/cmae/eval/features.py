@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cmae.data.datasets import DataError, loader_workers, open_images
+from cmae.data.shards import refuse_streamed
 from cmae.data.views import eval_transform
 from cmae.interop.api import Encoder, load_encoder
 from cmae.runtime.checkpoint import CheckpointError, _atomic_write
@@ -216,8 +217,9 @@ def run(
         raise DataError("--batch-size and --save-every must be positive")
     if not 0 < crop_pct <= 1:
         raise DataError(f"--crop-pct: must be in (0, 1], got {crop_pct}")
+    refuse_streamed(data, "feature extraction")  # before the encoder is loaded
     encoder = load_encoder(checkpoint, pool, img_size=img_size)
-    dataset = open_images(data, eval_transform(encoder.img_size, crop_pct))
+    dataset = open_images(data, eval_transform(encoder.img_size, crop_pct), "feature extraction")
     names = dataset.names
     out_path = Path(out)
     if out_path.suffix != ".safetensors":

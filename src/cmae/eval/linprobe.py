@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
 from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.shards import refuse_streamed
 from cmae.data.views import crop_flip, normalize
 from cmae.eval.frozen import (
     cached_features,
@@ -171,6 +172,8 @@ def run(cfg: LinprobeConfig) -> dict:
     d, pool, out_dir = cfg.data, cfg.encoder.pool, Path(cfg.out)
     workers = loader_workers(d.num_workers)
     device = resolve_device(cfg.device)
+    if cfg.mode == "full" and d.path is not None:  # before the held-out features are extracted
+        refuse_streamed(d.path, "mode=full", " (or use mode=fast, which streams them)")
     weights, mean, std, view, train_set, val_set, classes, cache_dir, key = frozen_setup(cfg)
     if cfg.batch_size > len(train_set):
         raise ConfigError(
@@ -227,7 +230,7 @@ def run(cfg: LinprobeConfig) -> dict:
             "cmae linprobe: val features",
         )
         augment = crop_flip(weights.img_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO, 0.5)
-        aug_set, _, _ = labelled_splits(d.path, augment, view, d.synthetic())
+        aug_set, _, _ = labelled_splits(d.path, augment, view, d.synthetic(), "mode=full")
         loader = DataLoader(
             aug_set,
             batch_size=cfg.batch_size,

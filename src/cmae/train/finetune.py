@@ -76,7 +76,7 @@ def train_step(
 
 def run(cfg: FinetuneConfig) -> dict:
     with TrainingJob(
-        cfg.out, "cmae finetune", keep_last=cfg.keep_last, max_bad_steps=cfg.max_bad_steps
+        cfg.out, "fine-tuning", keep_last=cfg.keep_last, max_bad_steps=cfg.max_bad_steps
     ) as job:
         return train(cfg, job)
 
@@ -107,6 +107,7 @@ def build_data(
         train_transform(weights.img_size, cfg.rand_augment, mean, std),
         eval_transform(weights.img_size, d.crop_pct),
         d.synthetic(),
+        "fine-tuning",
     )
     if cfg.batch_size > len(train_set):
         raise ConfigError(
