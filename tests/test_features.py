@@ -15,9 +15,8 @@ from cmae.data.datasets import (
     DataError,
     ImageList,
     build_datasets,
-    labelled_splits,
-    open_images,
 )
+from cmae.data.sources import labelled_splits, open_images
 from cmae.data.views import eval_transform
 from cmae.eval.features import extract_to_file, load_features, run_key
 from cmae.models.cmae import build_model

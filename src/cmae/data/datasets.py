@@ -547,15 +547,8 @@ def refuse_shards(path: str | Path) -> None:
         raise DataError(f"{path}: tar shards are not read here; pass a folder or a list file")
 
 
-def open_images(
-    path: str | Path, transform: Callable | None = None, command: str = "this command"
-) -> Dataset:
-    """A folder (``ImageFiles``), a list file (``ImageList``) or local tar shards
-    (``cmae.data.shards.ShardFiles``; ``pipe:`` shards are refused naming ``command``)."""
-    if is_shards(path):
-        from cmae.data.shards import open_shard_files  # it imports this module
-
-        return open_shard_files(str(path), transform, command)
+def open_folder_or_list(path: str | Path, transform: Callable | None = None) -> Dataset:
+    """A folder (``ImageFiles``) or a list file of paths / URLs (``ImageList``)."""
     path = Path(path).expanduser()
     if path.is_file() and is_list_file(path):
         return ImageList(path, transform)
@@ -625,13 +618,13 @@ def build_datasets(
     if not root.exists():
         raise DataError(f"data path does not exist: {root}")
     train_dir, held_dir = split_dirs(root)
-    train = open_images(train_dir, pretrain_transform)
+    train = open_folder_or_list(train_dir, pretrain_transform)
     if len(train.classes) < 2:
         return train, None, None  # unlabelled: no kNN check
     rng = np.random.default_rng(seed)
-    bank_all = open_images(train_dir, eval_transform)
+    bank_all = open_folder_or_list(train_dir, eval_transform)
     if held_dir is not None:
-        held = open_images(held_dir, eval_transform)
+        held = open_folder_or_list(held_dir, eval_transform)
         if held.classes != bank_all.classes:
             raise DataError(f"class folders of {held_dir} differ from those of {train_dir}")
         q_idx = rng.permutation(len(held))[:knn_queries].tolist()
@@ -642,45 +635,3 @@ def build_datasets(
     n_q = min(knn_queries, max(1, len(perm) // 10))
     q_idx, b_idx = perm[:n_q].tolist(), perm[n_q : n_q + knn_bank].tolist()
     return train, Subset(bank_all, b_idx), Subset(bank_all, q_idx)
-
-
-def labelled_splits(
-    path: str | None,
-    train_transform: Callable,
-    eval_transform: Callable,
-    synthetic: dict[str, Any],
-    command: str = "this command",
-) -> tuple[Dataset, Dataset, list[str]]:
-    """(train set, held-out set, class names) for the evaluation commands.
-
-    ``path=None`` uses the generated shapes (the same train / held-out seeds as pretraining);
-    local tar shards (a pattern with "train" and a "val" or "test" twin, as kNN finds them)
-    are read with random access (``cmae.data.shards.shard_file_splits``; ``pipe:`` shards are
-    refused naming ``command``); otherwise ``path`` must hold train/ and val/ (or test/) with
-    the same class folders.
-    """
-    if path is None:
-        n, size, s = synthetic["train"], synthetic["size"], synthetic["seed"]
-        colors = synthetic.get("colors", "color")
-        train = SyntheticShapes(n, size, s, train_transform, colors=colors)
-        held = SyntheticShapes(synthetic["val"], size, s + 1_000_003, eval_transform, colors=colors)
-        return train, held, train.classes
-    if is_shards(path):
-        from cmae.data.shards import shard_file_splits  # it imports this module
-
-        return shard_file_splits(str(path), train_transform, eval_transform, command)
-    root = Path(path).expanduser()
-    if not (root.is_dir() or (root.is_file() and is_list_file(root))):
-        raise DataError(f"data path does not exist or is not a directory or list file: {root}")
-    train_dir, held_dir = split_dirs(root)
-    if held_dir is None:
-        raise DataError(
-            f"{root}: evaluation needs train/ and val/ (or test/) class folders, or a list "
-            "file whose name has 'train' with a 'val' (or 'test') twin beside it"
-        )
-    train, held = open_images(train_dir, train_transform), open_images(held_dir, eval_transform)
-    if len(train.classes) < 2 or -1 in train.labels or -1 in held.labels:
-        raise DataError(f"{root}: train/ and {held_dir.name}/ must hold one folder per class")
-    if held.classes != train.classes:
-        raise DataError(f"class folders of {held_dir} differ from those of {train_dir}")
-    return train, held, train.classes

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cmae.data.datasets import DataError, loader_workers, open_images
+from cmae.data.datasets import DataError, loader_workers
 from cmae.data.shards import refuse_streamed
+from cmae.data.sources import open_images
 from cmae.data.views import eval_transform
 from cmae.interop.api import Encoder, load_encoder
 from cmae.runtime.checkpoint import CheckpointError, _atomic_write

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cmae.config import IMAGENET_MEAN, IMAGENET_STD
-from cmae.data.datasets import is_shards, labelled_splits
+from cmae.data.datasets import is_shards
 from cmae.data.shards import shard_splits
+from cmae.data.sources import labelled_splits
 from cmae.data.views import eval_transform, normalize
 from cmae.interop.encoders import EncoderWeights, load_encoder_weights
 from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_text

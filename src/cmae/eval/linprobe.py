@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cmae.config import ConfigError, LinprobeConfig, to_dict
-from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.datasets import loader_workers
 from cmae.data.shards import refuse_streamed
+from cmae.data.sources import labelled_splits
 from cmae.data.views import crop_flip, normalize
 from cmae.eval.frozen import (
     cached_features,

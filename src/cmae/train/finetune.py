@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cmae.config import ConfigError, FinetuneConfig, to_dict
-from cmae.data.datasets import labelled_splits, loader_workers
+from cmae.data.datasets import loader_workers
 from cmae.data.sampling import BadImages, EpochSampler, SeededSamples
+from cmae.data.sources import labelled_splits
 from cmae.data.views import eval_transform, normalize
 from cmae.eval.finetune import BETAS, build_mixup, evaluate, freeze_for_partial, train_transform
 from cmae.eval.frozen import eval_normalization
