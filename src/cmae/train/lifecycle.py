@@ -30,7 +30,7 @@ How a command uses it (the order matters where it says so)::
         with TrainingJob(cfg.out, "cmae mine", keep_last=cfg.keep_last,
                          max_bad_steps=cfg.max_bad_steps) as job:  # lock + stop signals
             device = setup_distributed(resolve_device(cfg.device))
-            loader = DataLoader(..., worker_init_fn=job.worker_init_fn)
+            loader = DataLoader(..., **worker_options(workers, job.worker_init_fn))
             model, optimizer = ...
             resumed = job.resume(cfg.resume, model, optimizer, None, model_config, device)
             step = resumed.step
@@ -151,8 +151,10 @@ class TrainingJob:
 
     @property
     def worker_init_fn(self) -> Callable[[int], None]:
-        """For every DataLoader of the run: its workers ignore the stop signals until the run
-        ends (``cmae.runtime.faults.WorkerStopSignals``)."""
+        """For every DataLoader of the run, always through
+        ``cmae.runtime.faults.worker_options(num_workers, job.worker_init_fn)`` (which adds the
+        context that starts the workers with the stop signals blocked): its workers ignore the
+        stop signals until the run ends (``cmae.runtime.faults.WorkerStopSignals``)."""
         return self.signals.worker_init_fn
 
     def resume(
