@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -81,8 +83,14 @@ from torch import nn
 from tqdm import tqdm
 
 from cmae.runtime.checkpoint import RunCheckpoints, RunLog, remove_stale_temps, save_text
-from cmae.runtime.distributed import is_main, rank, teardown_distributed
-from cmae.runtime.faults import BadSteps, StopSignals
+from cmae.runtime.distributed import (
+    is_main,
+    is_peer_failure,
+    peer_failure,
+    rank,
+    teardown_distributed,
+)
+from cmae.runtime.faults import STOP_SIGNALS, BadSteps, StopSignals
 from cmae.runtime.resume import find_resume, restore_training
 from cmae.runtime.runlock import lock_run_dir
 
@@ -145,9 +153,20 @@ class TrainingJob:
             self._stack = stack.pop_all()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # a collective that failed because another rank is gone: named while the process group
+        # and its store still exist (they say which rank stopped); the exit tears them down
+        peer = None
+        if isinstance(exc, RuntimeError) and is_peer_failure(exc):
+            peer = peer_failure(exc, self.out_dir, self.command)
         self.close()
         self._stack.close()
+        if peer is not None:
+            # torchrun signals the survivors next: nothing is left to save, leave at once
+            if threading.current_thread() is threading.main_thread():
+                for s in STOP_SIGNALS:
+                    signal.signal(s, signal.SIG_IGN)
+            raise peer from None
 
     @property
     def worker_init_fn(self) -> Callable[[int], None]:
