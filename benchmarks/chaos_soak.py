@@ -1,24 +1,30 @@
-"""Chaos soak: a ``torchrun --max-restarts`` run killed at random moments ends bitwise equal to
-an uninterrupted run of the same command.
+"""Chaos soak: a run killed at random moments and restarted ends bitwise equal to an
+uninterrupted run of the same command.
 
     python benchmarks/chaos_soak.py --data /path/cifar_slice --faults 5 --seed 0 \\
-        --work /tmp/soak [key.sub=value ...]
+        --work /tmp/soak --steps-per-epoch 31 [key.sub=value ...]
+    python benchmarks/chaos_soak.py --command finetune --faults 5 --work /tmp/soak-ft [...]
+    python benchmarks/chaos_soak.py --command segment --faults 5 --work /tmp/soak-seg [...]
 
 First the command runs once without faults (the reference, ``WORK/ref``), then again
-(``WORK/chaos``) under ``torchrun --max-restarts`` while this script sends ``--faults`` signals,
-each SIGKILL or SIGTERM to a random rank at a random moment: at a random step, while rank 0
-writes a checkpoint (its temp file exists), or while rank 0 runs the epoch-end kNN monitor.
-torchrun restarts the job after each; the run resumes from its newest checkpoint. At the end
-the tensors of ``checkpoint.pt`` (model, optimizer, every rank's RNG state) and the losses of
-``log.jsonl`` (the last record of each step) must equal the reference's bit for bit.
+(``WORK/chaos``) while this script sends ``--faults`` signals, each SIGKILL or SIGTERM at a
+random moment: at a random step, while rank 0 writes a checkpoint (its temp file exists), or
+during an evaluation. ``pretrain`` runs as 2 ranks under ``torchrun --max-restarts`` (a random
+rank is signalled; torchrun restarts the job; the evaluation is the epoch-end kNN monitor);
+``finetune`` and ``segment`` run as one process, rerun by this script after each fault until it
+exits 0, as a user or a scheduler would (their evaluation is marked by ``soak_entry.py``). The
+run resumes from its newest checkpoint. At the end the tensors of ``checkpoint.pt`` (model,
+optimizer, RNG states) and the losses and metrics of ``log.jsonl`` (the last record of each
+step) must equal the reference's bit for bit.
 
 Prints one JSON line per fault, then one summary line: faults injected, restarts, steps
 redone, bytes lost (tensor bytes and loss records that differ: 0 expected) and the time
 overhead. Exits 1 if the runs differ or the chaos run fails.
 
-A command is an entry of ``COMMANDS``: how to start it (its argv after ``-m cmae``) and the
-run directory it writes; the fault moments read ``log.jsonl`` and ``checkpoints/`` as every
-cmae training command writes them.
+A command is an entry of ``COMMANDS``: its argv after ``-m cmae`` (given the run directory, the
+data and the overrides), its ranks, and, for one process, the function that evaluates (a new
+command such as ``detect`` is one more entry); the fault moments read ``log.jsonl`` and
+``checkpoints/`` as every cmae training command writes them.
 """
 
 from __future__ import annotations
@@ -30,32 +36,75 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from compare_runs import losses, tensors
+from compare_runs import final_checkpoint, losses, tensors
 
-# the command under test: argv after `python -m cmae`, given the run directory and the data
+
+@dataclass(frozen=True)
+class Command:
+    """A command under test. ``argv(out, data, overrides)``: its arguments after ``-m cmae``;
+    ``world``: 2 runs it under ``torchrun --max-restarts``, 1 as one process this script
+    reruns; ``evaluation``: for one process, the ``module:function`` whose calls are the
+    "evaluation" moment (``soak_entry.py`` marks them)."""
+
+    argv: Callable[[Path, str | None, list[str]], list[str]]
+    world: int
+    evaluation: str | None = None
+
+    @property
+    def moments(self) -> tuple[str, ...]:
+        return ("step", "checkpoint-write", "knn-monitor" if self.world > 1 else "evaluation")
+
+
+def one_process(command: str, *fixed: str) -> Callable[[Path, str | None, list[str]], list[str]]:
+    def argv(out: Path, data: str | None, extra: list[str]) -> list[str]:
+        source = ["--data", data] if data else []
+        return [command, "--checkpoint", "random", "--out", str(out), *fixed, *source, *extra]
+
+    return argv
+
+
 COMMANDS = {
-    "pretrain": lambda out, data, extra: [
-        "pretrain",
-        "--config",
-        "quick",
-        *(["--data", data] if data else []),
-        "--out",
-        str(out),
-        "train.threads=1",
-        "train.log_every=1",
-        "train.save_every_steps=5",
-        "train.knn_every=1",
-        "train.knn_at_end=false",
-        *extra,
-    ]
+    "pretrain": Command(
+        lambda out, data, extra: [
+            "pretrain",
+            "--config",
+            "quick",
+            *(["--data", data] if data else []),
+            "--out",
+            str(out),
+            "train.threads=1",
+            "train.log_every=1",
+            "train.save_every_steps=5",
+            "train.knn_every=1",
+            "train.knn_at_end=false",
+            *extra,
+        ],
+        world=2,
+    ),
+    # a random-initialised encoder: the soak tests the run, not what it starts from
+    "finetune": Command(
+        one_process("finetune", "encoder.preset=quick", "eval_every=1", "save_every=1"),
+        world=1,
+        evaluation="cmae.train.finetune:evaluate",
+    ),
+    "segment": Command(
+        one_process("segment", "threads=1", "log_every=1"),
+        world=1,
+        evaluation="cmae.train.segment:evaluate_model",
+    ),
+    "detect": Command(
+        one_process("detect", "threads=1", "log_every=1"),
+        world=1,
+        evaluation="cmae.train.detect:evaluate",
+    ),
 }
-WORLD = 2  # ranks of the job
-MOMENTS = ("step", "checkpoint-write", "knn-monitor")
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 
 
@@ -75,12 +124,20 @@ class Watch:
     """What the injector sees of the running job."""
 
     out: Path
-    torchrun: subprocess.Popen
+    torchrun: subprocess.Popen | Reruns
+    world: int
     generations: list[tuple[int, ...]] = field(default_factory=list)  # pids of each attempt
 
     def ranks(self) -> dict[int, int]:
-        """{rank: pid} of torchrun's current workers."""
+        """{rank: pid} of torchrun's current workers (one process: its current attempt)."""
         found = {}
+        if isinstance(self.torchrun, Reruns):
+            pid = self.torchrun.current()
+            if pid is not None:
+                found[0] = pid
+                if not self.generations or self.generations[-1] != (pid,):
+                    self.generations.append((pid,))
+            return found
         try:
             children = Path(f"/proc/{self.torchrun.pid}/task/{self.torchrun.pid}/children")
             pids = [int(p) for p in children.read_text().split()]
@@ -96,7 +153,7 @@ class Watch:
                     found[int(item[5:])] = pid
         pids = tuple(sorted(found.values()))
         # a full set of new workers is an attempt (not the moments when one has died)
-        if len(pids) == WORLD and (not self.generations or self.generations[-1] != pids):
+        if len(pids) == self.world and (not self.generations or self.generations[-1] != pids):
             self.generations.append(pids)
         return found
 
@@ -130,7 +187,7 @@ def torchrun(out: Path, argv: list[str], restarts: int) -> subprocess.Popen:
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc_per_node={WORLD}",
+        "--nproc_per_node=2",
         f"--max-restarts={restarts}",
         "--monitor-interval=0.2",
         "-m",
@@ -141,16 +198,90 @@ def torchrun(out: Path, argv: list[str], restarts: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def inject(watch: Watch, fault: Fault, steps_per_epoch: int, deadline: float) -> None:
+class Reruns:
+    """One process, started again after each failure (a fault), as a user or a scheduler
+    would, until it exits 0 or ``restarts`` reruns are spent; ``poll`` as a Popen's."""
+
+    def __init__(self, out: Path, cmd: list[str], env: dict, mark: Path, restarts: int) -> None:
+        self.restarts, self.failed = restarts, 0
+        self._proc: subprocess.Popen | None = None
+        self._rc: int | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        log = open(out.parent / f"{out.name}.out", "w")
+
+        def loop() -> None:
+            while True:
+                mark.unlink(missing_ok=True)  # a kill during an evaluation leaves it
+                with self._lock:
+                    if self._stopped:
+                        self._rc = -9
+                        return
+                    self._proc = subprocess.Popen(
+                        cmd, stdout=log, stderr=subprocess.STDOUT, env=env
+                    )
+                rc = self._proc.wait()
+                log.write(f"[soak] attempt exited {rc}\n")
+                log.flush()
+                if rc == 0 or self.failed >= self.restarts:
+                    self._rc = rc
+                    return
+                self.failed += 1
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def current(self) -> int | None:
+        with self._lock:
+            proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def poll(self) -> int | None:
+        return self._rc
+
+    def wait(self) -> int:
+        self._thread.join()
+        return self._rc
+
+    def kill(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+
+
+def one_process_run(out: Path, argv: list[str], command: Command, restarts: int) -> Reruns:
+    mark = out.parent / f"{out.name}.evaluating"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CMAE_SOAK_EVALUATION": command.evaluation or "",
+        "CMAE_SOAK_MARK": str(mark),
+    }
+    entry = str(Path(__file__).with_name("soak_entry.py"))
+    return Reruns(out, [sys.executable, entry, *argv], env, mark, restarts)
+
+
+def start(command: Command, out: Path, argv: list[str], restarts: int):
+    if command.world > 1:
+        return torchrun(out, argv, restarts)
+    return one_process_run(out, argv, command, restarts)
+
+
+def inject(watch: Watch, fault: Fault, steps_per_epoch: int | None, deadline: float) -> None:
     """Wait for ``fault``'s moment, then send its signal (or give up at the run's end)."""
     while watch.torchrun.poll() is None and time.monotonic() < deadline:
         ranks = watch.ranks()
         step, trained = watch.last_step()
-        if len(ranks) < WORLD or step < fault.step:
+        if len(ranks) < watch.world or step < fault.step:
             time.sleep(0.02)
             continue
         if fault.moment == "step":
             due = True
+            if watch.world == 1:  # the one-process commands log per epoch (finetune): land inside
+                time.sleep(random.uniform(0.0, 1.0))
+        elif fault.moment == "evaluation":
+            due = (watch.out.parent / f"{watch.out.name}.evaluating").exists()
         elif fault.moment == "checkpoint-write":
             due = watch.writing_checkpoint()
         else:  # the monitor runs on rank 0 right after an epoch's last step is logged
@@ -176,7 +307,7 @@ def wait_restarted(watch: Watch, before: tuple[int, ...], deadline: float) -> No
     """Until torchrun has started the next attempt (new worker pids) and it logged a step."""
     while watch.torchrun.poll() is None and time.monotonic() < deadline:
         ranks = watch.ranks()
-        if len(ranks) == WORLD and tuple(sorted(ranks.values())) != before:
+        if len(ranks) == watch.world and tuple(sorted(ranks.values())) != before:
             return
         time.sleep(0.05)
 
@@ -197,7 +328,8 @@ def steps_redone(out: Path) -> int:
 def compare(ref: Path, chaos: Path) -> dict:
     la, lb = losses(ref), losses(chaos)
     steps_differ = sorted(s for s in la.keys() | lb.keys() if la.get(s) != lb.get(s))
-    load = lambda run: torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    # RUN/checkpoint.pt, else (finetune) the newest periodic one: the end-of-run save
+    load = lambda run: torch.load(final_checkpoint(run), map_location="cpu", weights_only=True)
     ta, tb = tensors(load(ref)), tensors(load(chaos))
     bytes_differ = 0
     for k in ta.keys() | tb.keys():
@@ -222,9 +354,11 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True, help="folder for the two runs (emptied)")
     p.add_argument("--faults", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps-per-epoch", type=int, required=True, help="to find epoch ends")
+    p.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="pretrain: to find the epoch ends"
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds for the chaos run")
-    p.add_argument("--moments", default=",".join(MOMENTS), help="comma-separated subset")
+    p.add_argument("--moments", default=None, help="comma-separated subset of the moments")
     p.add_argument(
         "--plan",
         default=None,
@@ -237,21 +371,25 @@ def main() -> int:
     ref, chaos = args.work / "ref", args.work / "chaos"
     for run in (ref, chaos):
         subprocess.run(["rm", "-rf", str(run)], check=True)
-    build = COMMANDS[args.command]
+    command = COMMANDS[args.command]
+    build = command.argv
+    if command.world > 1 and args.steps_per_epoch is None:
+        p.error(f"{args.command} needs --steps-per-epoch (its kNN monitor runs at epoch ends)")
 
-    start = time.monotonic()
-    job = torchrun(ref, build(ref, args.data, args.overrides), restarts=0)
+    t0 = time.monotonic()
+    job = start(command, ref, build(ref, args.data, args.overrides), restarts=0)
     if job.wait() != 0:
         print(json.dumps({"error": f"the reference run failed (rc {job.returncode})"}))
         return 1
-    ref_wall = time.monotonic() - start
-    total = max(s for s in losses(ref))
+    ref_wall = time.monotonic() - t0
+    total = max(step for step, _ in losses(ref))
 
     # faults at increasing random steps, spread over the run (not the very last steps)
-    moments = args.moments.split(",")
+    moments = args.moments.split(",") if args.moments else list(command.moments)
     at = sorted(rng.sample(range(2, max(3, total - 2)), k=min(args.faults, total - 4)))
     faults = [
-        Fault(rng.choice(moments), rng.choice(sorted(SIGNALS)), rng.randrange(WORLD), s) for s in at
+        Fault(rng.choice(moments), rng.choice(sorted(SIGNALS)), rng.randrange(command.world), s)
+        for s in at
     ]
     for f in faults:
         if f.moment == "checkpoint-write":
@@ -259,10 +397,10 @@ def main() -> int:
     for f, kind in zip(faults, args.plan.split(",") if args.plan else [], strict=False):
         moment, sig, rank = kind.split("/")
         f.moment, f.signal, f.rank = moment, sig, int(rank)
-    start = time.monotonic()
-    deadline = start + args.timeout
-    job = torchrun(chaos, build(chaos, args.data, args.overrides), restarts=len(faults) + 1)
-    watch = Watch(chaos, job)
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    job = start(command, chaos, build(chaos, args.data, args.overrides), len(faults) + 1)
+    watch = Watch(chaos, job, command.world)
     for f in faults:
         before = tuple(sorted(watch.ranks().values()))
         inject(watch, f, args.steps_per_epoch, deadline)
@@ -274,7 +412,7 @@ def main() -> int:
         time.sleep(0.1)
     if job.poll() is None:
         job.kill()
-    chaos_wall = time.monotonic() - start
+    chaos_wall = time.monotonic() - t0
     rc = job.wait()
     result = {
         "command": args.command,
@@ -283,7 +421,9 @@ def main() -> int:
         "by_kind": sorted(f"{f.moment}/{f.signal}/rank{f.rank}" for f in faults if f.injected),
         # torchrun logs each failed attempt; a signal that reached a process already on its
         # way out (e.g. after the last step) fails none
-        "restarts": (chaos.parent / f"{chaos.name}.out")
+        "restarts": job.failed
+        if isinstance(job, Reruns)
+        else (chaos.parent / f"{chaos.name}.out")
         .read_text(errors="replace")
         .count("failed (exitcode"),
         "attempts_seen": len(watch.generations),

@@ -116,3 +116,40 @@ def test_torchrun_restarts_after_a_killed_rank_and_ends_bitwise_equal(tmp_path):
     # the survivor's one line, no traceback of its own
     assert "cmae pretrain: rank 1 stopped (killed); the run saved at step" in out
     assert "[rank0]: Traceback" not in out
+
+
+@pytest.mark.slow
+def test_one_process_soak_killed_during_an_evaluation_ends_bitwise_equal(tmp_path):
+    # benchmarks/chaos_soak.py's one-process path (finetune, segment): killed inside the
+    # held-out evaluation, rerun, the end equals an uninterrupted run's
+    env = {**os.environ, "PYTHONPATH": SRC}
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "chaos_soak.py"),
+            "--command",
+            "finetune",
+            "--work",
+            str(tmp_path),
+            "--faults",
+            "1",
+            "--plan",
+            "evaluation/SIGKILL/0",
+            "data.synthetic_train=16",
+            "data.synthetic_val=8",
+            "data.num_workers=1",
+            "batch_size=8",
+            "epochs=5",
+            "warmup_epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    assert lines[0]["fault"]["injected"] and lines[0]["fault"]["moment"] == "evaluation"
+    result = lines[-1]
+    assert result["restarts"] == 1 and result["bitwise_equal"] and result["bytes_lost"] == 0
+    assert "[soak] attempt exited -9" in (tmp_path / "chaos.out").read_text()

@@ -21,6 +21,7 @@ from cmae.data.views import (
     normalize,
     target_color_transform,
 )
+from cmae.runtime.faults import worker_options
 
 
 def build_views(cfg: Config, workers_part: bool = False):
@@ -125,13 +126,12 @@ def shard_pipeline(
         stream,
         batch_size=batch_size,
         drop_last=True,
-        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,  # each epoch's deal and resume offset reach fresh workers
         # the workers' base seed from a generator of its own: drawn from the global one, each
         # epoch's new iterator would shift the masking stream, and a resume would differ
         generator=torch.Generator().manual_seed(seed + rank),
-        worker_init_fn=worker_init_fn,
         collate_fn=collate_boxes if d.resize_device else None,
+        **worker_options(workers, worker_init_fn),
     )
     return stream, loader, FirstSamples(shards, views)

@@ -30,6 +30,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from cmae.data.coco import Categories, DetValSet, collate, original_size
 from cmae.runtime.distributed import is_distributed, is_main, rank, world_size
+from cmae.runtime.faults import worker_options
 
 IOU_TYPES = ("bbox", "segm")
 # COCOeval's summary order (stats[0:6]) under the names results.json uses
@@ -81,9 +82,8 @@ def predict(
     loader = DataLoader(
         Subset(val_set, indices),
         batch_size=batch_size,
-        num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=worker_init_fn,
+        **worker_options(workers, worker_init_fn),
         # its own generator: an iterator's base seed would otherwise be drawn from the global
         # one, and evaluating would change the training's random draws (and exact resume)
         generator=torch.Generator(),

@@ -23,6 +23,7 @@ from cmae.data.sources import labelled_splits
 from cmae.data.views import eval_transform, normalize
 from cmae.interop.encoders import EncoderWeights, load_encoder_weights
 from cmae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_text
+from cmae.runtime.faults import worker_options
 from cmae.runtime.progress import optional_progress
 
 
@@ -53,8 +54,7 @@ def extract_features(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
-        worker_init_fn=worker_init_fn,
+        **worker_options(num_workers, worker_init_fn),
     )
     feats, labels = [], []
     with optional_progress(dataset, progress) as bar:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cmae.data.segmentation import IGNORE, SegValSet
 from cmae.models.upernet import UperNet
 from cmae.runtime.distributed import is_distributed, rank, world_size
+from cmae.runtime.faults import worker_options
 from cmae.runtime.progress import optional_progress
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +124,8 @@ def evaluate(
     loader = DataLoader(
         mine,
         batch_size=1,
-        num_workers=workers,
         generator=torch.Generator(),
-        worker_init_fn=worker_init_fn,
+        **worker_options(workers, worker_init_fn),
     )
     conf = torch.zeros(model.num_classes, model.num_classes, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()

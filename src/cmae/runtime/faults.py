@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -262,6 +263,49 @@ class WorkerStopSignals:
 
         for s in STOP_SIGNALS:
             signal.signal(s, handle)
+        # the worker started with them blocked (``worker_options``): one sent since then is
+        # pending and reaches ``handle`` now, not torch's worker handler that dies of it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def release(self) -> None:
         self._released.set()
+
+
+def _blocked_start_context() -> multiprocessing.context.BaseContext:
+    """The default multiprocessing context, but its processes start with the stop signals
+    blocked: a forked data-loader worker runs torch's own SIGTERM handler (a SIGTERM not from
+    its parent kills it) until ``WorkerStopSignals`` replaces it, so a signal sent to the whole
+    process group while a worker starts (Slurm, Kubernetes, ``kill -- -PGID``) killed the
+    worker and the run ("DataLoader worker exited unexpectedly"). The parent's mask is
+    restored as soon as the child exists; the mask is inherited across fork (and exec)."""
+    base = multiprocessing.get_context()
+
+    class Process(base.Process):  # type: ignore[name-defined,misc]
+        def start(self) -> None:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    context_type = type("StopSignalsBlockedContext", (type(base),), {"Process": Process})
+    return context_type()
+
+
+_BLOCKED_CONTEXT: multiprocessing.context.BaseContext | None = None
+
+
+def worker_options(num_workers: int, worker_init_fn: Callable[[int], None] | None) -> dict:
+    """The DataLoader arguments for its workers: ``num_workers``, ``worker_init_fn`` and,
+    where that is a run's ``WorkerStopSignals`` (``TrainingJob.worker_init_fn``), the
+    multiprocessing context that starts the workers with the stop signals blocked until
+    ``worker_init_fn`` has installed its handler. Always pass them together: the context
+    without the handler leaves the signals blocked in the workers (terminate() would hang),
+    the handler without the context leaves a window at each worker start."""
+    global _BLOCKED_CONTEXT
+    options: dict = {"num_workers": num_workers, "worker_init_fn": worker_init_fn}
+    if num_workers > 0 and isinstance(worker_init_fn, WorkerStopSignals):
+        if _BLOCKED_CONTEXT is None:
+            _BLOCKED_CONTEXT = _blocked_start_context()
+        options["multiprocessing_context"] = _BLOCKED_CONTEXT
+    return options

@@ -31,7 +31,13 @@ from cmae.eval.frozen import eval_normalization
 from cmae.interop.encoders import EncoderWeights, build_classifier, load_encoder_weights
 from cmae.runtime.device import keep_freed_memory, resolve_device, seed_everything
 from cmae.runtime.distributed import build_sampler
-from cmae.runtime.faults import BadSteps, buffer_values, poison_nonfinite, skip_nonfinite_step
+from cmae.runtime.faults import (
+    BadSteps,
+    buffer_values,
+    poison_nonfinite,
+    skip_nonfinite_step,
+    worker_options,
+)
 from cmae.runtime.optim import cosine_lr, layer_decay_groups, set_lr
 from cmae.runtime.resume import training_state
 from cmae.train.lifecycle import TrainingJob
@@ -121,14 +127,13 @@ def build_data(
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,  # mixup pairs samples: the batch must stay even
-        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
-        worker_init_fn=worker_init_fn,
+        **worker_options(workers, worker_init_fn),
     )
     val_loader = DataLoader(
-        val_set, batch_size=cfg.batch_size, num_workers=workers, worker_init_fn=worker_init_fn
+        val_set, batch_size=cfg.batch_size, **worker_options(workers, worker_init_fn)
     )
     return FinetuneData(loader, sampler, val_loader, classes, len(train_set), len(val_set))
 

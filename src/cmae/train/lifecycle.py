@@ -30,7 +30,7 @@ How a command uses it (the order matters where it says so)::
         with TrainingJob(cfg.out, "cmae mine", keep_last=cfg.keep_last,
                          max_bad_steps=cfg.max_bad_steps) as job:  # lock + stop signals
             device = setup_distributed(resolve_device(cfg.device))
-            loader = DataLoader(..., worker_init_fn=job.worker_init_fn)
+            loader = DataLoader(..., **worker_options(workers, job.worker_init_fn))
             model, optimizer = ...
             resumed = job.resume(cfg.resume, model, optimizer, None, model_config, device)
             step = resumed.step
@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -80,8 +82,14 @@ import yaml
 from torch import nn
 
 from cmae.runtime.checkpoint import RunCheckpoints, RunLog, remove_stale_temps, save_text
-from cmae.runtime.distributed import is_main, rank, teardown_distributed
-from cmae.runtime.faults import BadSteps, StopSignals
+from cmae.runtime.distributed import (
+    is_main,
+    is_peer_failure,
+    peer_failure,
+    rank,
+    teardown_distributed,
+)
+from cmae.runtime.faults import STOP_SIGNALS, BadSteps, StopSignals
 from cmae.runtime.progress import Progress
 from cmae.runtime.resume import find_resume, restore_training
 from cmae.runtime.runlock import lock_run_dir
@@ -145,14 +153,27 @@ class TrainingJob:
             self._stack = stack.pop_all()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # a collective that failed because another rank is gone: named while the process group
+        # and its store still exist (they say which rank stopped); the exit tears them down
+        peer = None
+        if isinstance(exc, RuntimeError) and is_peer_failure(exc):
+            peer = peer_failure(exc, self.out_dir, self.command)
         self.close()
         self._stack.close()
+        if peer is not None:
+            # torchrun signals the survivors next: nothing is left to save, leave at once
+            if threading.current_thread() is threading.main_thread():
+                for s in STOP_SIGNALS:
+                    signal.signal(s, signal.SIG_IGN)
+            raise peer from None
 
     @property
     def worker_init_fn(self) -> Callable[[int], None]:
-        """For every DataLoader of the run: its workers ignore the stop signals until the run
-        ends (``cmae.runtime.faults.WorkerStopSignals``)."""
+        """For every DataLoader of the run, always through
+        ``cmae.runtime.faults.worker_options(num_workers, job.worker_init_fn)`` (which adds the
+        context that starts the workers with the stop signals blocked): its workers ignore the
+        stop signals until the run ends (``cmae.runtime.faults.WorkerStopSignals``)."""
         return self.signals.worker_init_fn
 
     def resume(

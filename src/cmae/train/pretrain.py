@@ -53,6 +53,7 @@ from cmae.runtime.faults import (
     poison_nonfinite,
     step_unless_bad,
     weights_finite,
+    worker_options,
 )
 from cmae.runtime.optim import cosine_lr, momentum_at, param_groups, set_lr
 from cmae.runtime.resume import set_deterministic, training_state
@@ -234,11 +235,10 @@ def build_data(cfg: Config, device: torch.device, worker_init_fn: Callable[[int]
         batch_size=local_batch_size(t.batch_size, world_size(), t.accum_steps, contrastive),
         sampler=sampler,
         drop_last=True,
-        num_workers=loader_workers(d.num_workers),
         pin_memory=device.type == "cuda",
         persistent_workers=d.num_workers > 0,
         generator=torch.Generator().manual_seed(t.seed + rank()),  # worker seeds, per rank
-        worker_init_fn=worker_init_fn,
+        **worker_options(loader_workers(d.num_workers), worker_init_fn),
         collate_fn=collate_boxes if device_views is not None else None,
     )
     return Data(

@@ -49,6 +49,7 @@ from cmae.runtime.faults import (
     buffer_values,
     poison_nonfinite,
     skip_nonfinite_step,
+    worker_options,
 )
 from cmae.runtime.optim import layer_decay_groups, poly_lr, set_lr
 from cmae.runtime.resume import training_state
@@ -124,10 +125,9 @@ def build_data(
         batch_size=cfg.batch_size // world_size(),
         sampler=sampler,
         drop_last=True,
-        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        worker_init_fn=worker_init_fn,
+        **worker_options(workers, worker_init_fn),
         # its own generator: starting an epoch's iterator must not draw from the global one,
         # which a resumed run restores (drop path, dropout)
         generator=torch.Generator().manual_seed(cfg.seed + rank()),
