@@ -83,7 +83,7 @@ def train_step(
 
 def run(cfg: FinetuneConfig) -> dict:
     with TrainingJob(
-        cfg.out, "fine-tuning", keep_last=cfg.keep_last, max_bad_steps=cfg.max_bad_steps
+        cfg.out, "cmae finetune", keep_last=cfg.keep_last, max_bad_steps=cfg.max_bad_steps
     ) as job:
         return train(cfg, job)
 
