@@ -242,3 +242,13 @@ def test_training_progress_in_a_log_is_plain_lines(tmp_path):
     text = buf.getvalue()
     assert "\r" not in text and "test 1/4 step (25%)" in text and "ETA" in text, text
     assert "loss 0.2500" in text.splitlines()[-1] and not text.rstrip().endswith("done")
+
+
+def test_a_cut_short_pass_does_not_repeat_its_last_line():
+    t = [0.0]
+    buf = io.StringIO()
+    p = Progress(10, "z", stream=buf, tty=False, clock=lambda: t[0])
+    t[0] += 6
+    p.update(1)  # the first line after the grace
+    p.close(done=False)  # stopped with nothing new since
+    assert buf.getvalue().splitlines() == ["z 1/10 img (10%), 0.2 img/s, 6s elapsed, ETA 54s"]

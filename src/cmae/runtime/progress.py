@@ -119,7 +119,9 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.close()
-        elif self.spoke:  # a pass that never spoke ends silently too
+        elif self.spoke and (done or self.n != self.last_n):
+            # a pass that never spoke ends silently too, and a cut-short one that made no
+            # progress since its last line does not repeat it
             self._line(done=done)
 
     def __enter__(self) -> Progress:
